@@ -1,0 +1,1 @@
+"""mailer: an asyncio e-mail service (MongoDB first, beanstalkd queue, vendor failover)."""

@@ -1,0 +1,258 @@
+"""The one typed settings object, built once at the edge and passed down.
+
+Precedence, lowest first: built-in defaults (the local services that ``make run`` starts),
+then ``config.toml`` in the working directory or the file named by ``--config`` /
+``MAILER_CONFIG``, then ``MAILER_*`` environment variables (nested keys with ``__``, e.g.
+``MAILER_BEANSTALKD__PORT``). Nothing else in the package reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mailer.errors import ConfigError
+
+DEFAULT_VENDOR_ORDER = ("amazon", "mailgun", "sendinblue", "sparkpost")
+KNOWN_VENDORS = (*DEFAULT_VENDOR_ORDER, "smtp")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BeanstalkdSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(11300, ge=1, le=65535)
+    tube: str = Field("mailer", pattern=r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]{0,199}$")
+    # Must exceed the worst delivery time (every vendor's timeout in turn); the consumer
+    # also touches long deliveries, so this is a safety net rather than a hard bound.
+    ttr_s: int = Field(120, ge=2, le=86400)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    # Bound on any single command's reply (reserve-with-timeout adds its own timeout).
+    command_timeout_s: float = Field(10.0, gt=0)
+
+
+class MongoSettings(_Section):
+    # A URI may embed a password, so it is a secret like any key.
+    uri: SecretStr = SecretStr("mongodb://127.0.0.1:27017/mailer")
+    database: str | None = None  # default: the URI's database, else "mailer"
+    collection: str = Field("mails", pattern=r"^[a-z_0-9]{1,100}$")
+    vendor_status_collection: str = Field("vendor_status", pattern=r"^[a-z_0-9]{1,100}$")
+    timeout_ms: int = Field(5000, ge=100)
+
+
+class TestModeSettings(_Section):
+    """Tube and collections used by ``--test`` and the test suite, never by production."""
+
+    tube: str = "mailer_test"
+    collection: str = Field("mails_test", pattern=r"^[a-z_0-9]{1,100}$")
+    vendor_status_collection: str = Field("vendor_status_test", pattern=r"^[a-z_0-9]{1,100}$")
+
+
+class ProducerSettings(_Section):
+    max_email_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    default_priority: int = Field(1024, ge=0, le=2**32 - 1)
+
+
+class ConsumerSettings(_Section):
+    concurrency: int = Field(50, ge=1, le=10000)
+    vendor_cooldown_s: float = Field(600.0, ge=0)
+    max_attempts: int = Field(5, ge=1)
+    backoff_base_s: float = Field(30.0, ge=0)
+    backoff_cap_s: float = Field(3600.0, ge=0)
+    grace_s: float = Field(30.0, ge=0)
+    # A claim is owned for this long; a consumer that dies loses its claim after it.
+    lease_s: float = Field(300.0, gt=0)
+    registry_refresh_s: float = Field(5.0, gt=0)
+    reserve_timeout_s: int = Field(1, ge=0)
+    # Periodic requeue sweep of orphaned mails; 0 switches it off.
+    requeue_interval_s: float = Field(300.0, ge=0)
+    requeue_older_than_s: float = Field(600.0, ge=0)
+    # Group commit of final status updates.
+    commit_batch: int = Field(200, ge=1)
+    commit_interval_ms: float = Field(5.0, ge=0)
+
+
+class SimulationSettings(_Section):
+    """The simulated vendors used whenever MAILER_ENV is not ``production``."""
+
+    latency_ms: float = Field(0.0, ge=0)
+    failure_rate: float = Field(0.0, ge=0, le=1)
+
+
+class AmazonSettings(_Section):
+    region: str = "us-east-1"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    endpoint_url: str | None = None
+    configuration_set: str | None = None
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class MailgunSettings(_Section):
+    domain: str
+    api_key: SecretStr
+    base_url: str = "https://api.mailgun.net"
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class SendinblueSettings(_Section):
+    api_key: SecretStr
+    base_url: str = "https://api.brevo.com"
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class SparkpostSettings(_Section):
+    api_key: SecretStr
+    base_url: str = "https://api.sparkpost.com"
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class SmtpSettings(_Section):
+    host: str
+    port: int = Field(587, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    starttls: bool = True
+    use_tls: bool = False
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class VendorsSettings(_Section):
+    # Round-robin order; empty means "the order of the vendor sections in the file",
+    # or the four defaults when none is configured.
+    order: list[Literal["amazon", "mailgun", "sendinblue", "sparkpost", "smtp"]] = []
+    amazon: AmazonSettings | None = None
+    mailgun: MailgunSettings | None = None
+    sendinblue: SendinblueSettings | None = None
+    sparkpost: SparkpostSettings | None = None
+    smtp: SmtpSettings | None = None
+
+    def configured(self) -> list[str]:
+        return [name for name in KNOWN_VENDORS if getattr(self, name) is not None]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MAILER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    env: str = "development"
+    measure_throughput: bool = False
+    throughput_interval_s: float = Field(5.0, gt=0)
+    beanstalkd: BeanstalkdSettings = BeanstalkdSettings()
+    mongodb: MongoSettings = MongoSettings()
+    test: TestModeSettings = TestModeSettings()
+    producer: ProducerSettings = ProducerSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
+    simulation: SimulationSettings = SimulationSettings()
+    vendors: VendorsSettings = VendorsSettings()
+    # Where the values came from, for messages; not a key of the file.
+    source: str = Field("built-in defaults", exclude=True)
+    file_vendor_order: tuple[str, ...] = Field((), exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (which arrives as init kwargs).
+        return (env_settings, init_settings)
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    def vendor_order(self) -> list[str]:
+        """Round-robin order of vendor names (real or simulated stand-ins)."""
+        if self.vendors.order:
+            return list(dict.fromkeys(self.vendors.order))
+        configured = set(self.vendors.configured())
+        from_file = [n for n in self.file_vendor_order if n in configured]
+        rest = [n for n in self.vendors.configured() if n not in from_file]
+        return from_file + rest or list(DEFAULT_VENDOR_ORDER)
+
+    def for_test(self, suffix: str = "") -> Settings:
+        """The same settings pointed at the test tube and collections (``--test``)."""
+        return self.model_copy(
+            update={
+                "beanstalkd": self.beanstalkd.model_copy(update={"tube": self.test.tube + suffix}),
+                "mongodb": self.mongodb.model_copy(
+                    update={
+                        "collection": self.test.collection + suffix,
+                        "vendor_status_collection": self.test.vendor_status_collection + suffix,
+                    }
+                ),
+            }
+        )
+
+
+def _describe(errors: list[Any]) -> list[str]:
+    out = []
+    for err in errors:
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            out.append(f"key '{key}': unknown key (see config.sample.toml for the valid keys)")
+        elif err["type"] == "missing":
+            out.append(f"key '{key}': required but missing")
+        else:
+            # The message only, never the input: the input may be a secret.
+            out.append(f"key '{key}': {err['msg']}")
+    return out
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    test: bool = False,
+) -> Settings:
+    """Build the settings once at start-up; raises ConfigError with one clear message.
+
+    ``path`` (from ``--config``) or ``MAILER_CONFIG`` names a file that must exist;
+    otherwise ``./config.toml`` is read when present.
+    """
+    named = path if path is not None else os.environ.get("MAILER_CONFIG") or None
+    if named is not None:
+        file: Path | None = Path(named)
+        if not file.is_file():
+            raise ConfigError(f"{file}: configuration file not found (named by --config or MAILER_CONFIG)")
+    else:
+        file = Path("config.toml") if Path("config.toml").is_file() else None
+
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: cannot read the configuration file: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        for reserved in ("source", "file_vendor_order"):
+            if reserved in data:
+                raise ConfigError(f"{file}: key '{reserved}': unknown key (see config.sample.toml)")
+        vendors = data.get("vendors")
+        if isinstance(vendors, dict):
+            data["file_vendor_order"] = tuple(k for k in vendors if k in KNOWN_VENDORS)
+    where = str(file) if file is not None else "built-in defaults"
+    data["source"] = where
+
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        details = "; ".join(_describe(exc.errors()))
+        raise ConfigError(f"{where} (with MAILER_* environment overrides): {details}") from None
+    return settings.for_test() if test else settings

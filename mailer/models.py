@@ -1,0 +1,345 @@
+"""The e-mail model (what applications send) and the stored record (what MongoDB holds).
+
+Validation happens here, at the edge, so that nothing malformed is ever stored or queued
+and every vendor adapter can trust what it is given: addresses are syntax-checked (no DNS),
+header-bound fields cannot carry CR/LF (header injection), and the total size is capped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import re
+from email.headerregistry import Address as HeaderAddress
+from email.utils import getaddresses
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from mailer.errors import EmailValidationError
+
+MAX_EMAIL_BYTES = 10 * 1024 * 1024
+# The lowest common per-message recipient limit of the supported vendors (SES: 50), so a
+# mail accepted here can go out through any of them during failover.
+MAX_RECIPIENTS = 50
+MAX_DELAY_S = 2**32 - 1
+_CRLF = re.compile(r"[\r\n]")
+_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
+_TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+# Headers our own fields (or the MIME machinery) own; setting them by hand would either
+# conflict with the field or let a caller smuggle recipients past validation.
+RESERVED_HEADERS = frozenset(
+    {
+        "from", "to", "cc", "bcc", "subject", "reply-to", "sender", "date", "message-id",
+        "mime-version", "content-type", "content-transfer-encoding", "return-path",
+        "x-mailer-id",
+    }
+)
+MAIL_ID_HEADER = "X-Mailer-Id"
+
+
+def _no_crlf(value: str, what: str) -> str:
+    if _CRLF.search(value):
+        raise ValueError(f"{what} must not contain CR or LF (header injection)")
+    return value
+
+
+class Address(BaseModel):
+    """One mailbox: ``email`` plus an optional display ``name``.
+
+    Accepts ``"a@example.com"``, ``"Ann <a@example.com>"`` or ``{"email": ..., "name": ...}``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email: str
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            _no_crlf(value, "an address")
+            pairs = getaddresses([value])
+            if len(pairs) != 1 or not pairs[0][1]:
+                raise ValueError(f"not one e-mail address: {value[:80]!r}")
+            name, addr = pairs[0]
+            return {"email": addr, "name": name or None}
+        return value
+
+    @field_validator("email")
+    @classmethod
+    def _check_email(cls, value: str) -> str:
+        _no_crlf(value, "an address")
+        try:
+            return validate_email(value, check_deliverability=False).normalized
+        except EmailNotValidError as exc:
+            raise ValueError(f"invalid address {value[:80]!r}: {exc}") from None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _no_crlf(value, "a display name")
+        if len(value) > 200:
+            raise ValueError("display name longer than 200 characters")
+        return value or None
+
+    def __str__(self) -> str:
+        """RFC 5322 form with the display name quoted where needed (Unicode kept as is;
+        the transport encodes it, RFC 2047 or SMTPUTF8)."""
+        return str(HeaderAddress(display_name=self.name or "", addr_spec=self.email))
+
+
+def _as_list(value: Any) -> Any:
+    if value is None:
+        return []
+    if isinstance(value, (str, dict, Address)):
+        return [value]
+    return value
+
+
+AddressList = Annotated[list[Address], BeforeValidator(_as_list)]
+
+
+class Attachment(BaseModel):
+    """A file sent with the mail. In JSON (and as a ``str`` in Python) ``content`` is base64."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    filename: str = Field(min_length=1, max_length=255)
+    content_type: str = Field("application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$")
+    content: bytes
+
+    @field_validator("filename")
+    @classmethod
+    def _check_filename(cls, value: str) -> str:
+        _no_crlf(value, "filename")
+        if any(c in value for c in '/\\"\x00'):
+            raise ValueError("filename must not contain / \\ \" or NUL")
+        return value
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _decode(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("content given as text must be base64") from None
+        return value
+
+
+MetaValue = str | int | float | bool | None
+
+
+class Email(BaseModel):
+    """What an application asks us to send. ``from`` is spelled ``from_`` in Python."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    from_: Address = Field(alias="from")
+    to: AddressList = Field(min_length=1)
+    cc: AddressList = []
+    bcc: AddressList = []
+    reply_to: AddressList = []
+    subject: str = Field(min_length=1, max_length=998)
+    text: str | None = None
+    html: str | None = None
+    headers: dict[str, str] = {}
+    tags: list[str] = Field([], max_length=10)
+    metadata: dict[str, Any] = Field({}, max_length=50)
+    attachments: list[Attachment] = Field([], max_length=100)
+    priority: int | None = Field(None, ge=0, le=2**32 - 1)
+    send_at: dt.datetime | None = None
+    delay: float | None = Field(None, ge=0, le=MAX_DELAY_S)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+
+    @field_validator("subject")
+    @classmethod
+    def _check_subject(cls, value: str) -> str:
+        return _no_crlf(value, "subject")
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 50:
+            raise ValueError("at most 50 custom headers")
+        for name, val in value.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"header name {name[:40]!r} is not a valid field name")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by mailer; use the matching field instead")
+            _no_crlf(val, f"header {name!r}")
+            if len(val) > 998:
+                raise ValueError(f"header {name!r} is longer than 998 characters")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _check_tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            if not _TAG.match(tag):
+                raise ValueError(f"tag {tag[:40]!r}: use 1-64 ASCII letters, digits, '_' or '-'")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, val in value.items():
+            if not (val is None or isinstance(val, (str, int, float, bool))):
+                raise ValueError(f"metadata value of {key[:40]!r} must be a string, number, boolean or null")
+            if not _META_KEY.match(key):
+                raise ValueError(f"metadata key {key[:40]!r}: use up to 64 letters, digits, '_' or '-'")
+            if isinstance(val, str) and len(val) > 1000:
+                raise ValueError(f"metadata value of {key!r} is longer than 1000 characters")
+        return value
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _check_key(cls, value: str | None) -> str | None:
+        if value is not None and not value.isprintable():
+            raise ValueError("idempotency_key must be printable text")
+        return value
+
+    @field_validator("send_at")
+    @classmethod
+    def _check_send_at(cls, value: dt.datetime | None) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("send_at must include a timezone (e.g. 2026-01-01T09:00:00Z)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_whole(self, info: ValidationInfo) -> Self:
+        if not (self.text or self.html):
+            raise ValueError("give 'text' and/or 'html': a mail needs a body")
+        if self.send_at is not None and self.delay is not None:
+            raise ValueError("give either 'send_at' or 'delay', not both")
+        n = len(self.to) + len(self.cc) + len(self.bcc)
+        ctx = info.context if isinstance(info.context, dict) else {}
+        if n > ctx.get("max_recipients", MAX_RECIPIENTS):
+            raise ValueError(f"{n} recipients in to/cc/bcc; at most {ctx.get('max_recipients', MAX_RECIPIENTS)} per mail")
+        limit = ctx.get("max_bytes", MAX_EMAIL_BYTES)
+        if self.size() > limit:
+            raise ValueError(f"the mail is about {self.size()} bytes; the limit is {limit} bytes")
+        return self
+
+    def size(self) -> int:
+        """Approximate encoded size: bodies plus attachments as base64 (how they travel)."""
+        total = len(self.subject.encode()) + len((self.text or "").encode()) + len((self.html or "").encode())
+        total += sum(len(k) + len(v.encode()) for k, v in self.headers.items())
+        total += sum((len(a.content) + 2) // 3 * 4 for a in self.attachments)
+        return total
+
+    def delay_seconds(self, now: dt.datetime | None = None) -> int:
+        """beanstalkd delay for this mail (whole seconds, never negative)."""
+        if self.delay is not None:
+            return int(round(self.delay))
+        if self.send_at is not None:
+            now = now or dt.datetime.now(dt.UTC)
+            return max(0, min(MAX_DELAY_S, int((self.send_at - now).total_seconds() + 0.999)))
+        return 0
+
+    def recipients(self) -> list[Address]:
+        return [*self.to, *self.cc, *self.bcc]
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in ("function-after[_check_whole()]",):
+            continue
+        else:
+            parts.append(("." if parts else "") + ("from" if p == "from_" else str(p)))
+    return "".join(parts) or "(mail)"
+
+
+def parse_email(
+    data: Email | dict[str, Any] | str | bytes,
+    *,
+    max_bytes: int = MAX_EMAIL_BYTES,
+    max_recipients: int = MAX_RECIPIENTS,
+) -> Email:
+    """Validate untrusted input (a dict, a JSON document or an Email) into an Email.
+
+    Raises EmailValidationError naming each wrong field; never a bare pydantic error.
+    """
+    ctx = {"max_bytes": max_bytes, "max_recipients": max_recipients}
+    try:
+        if isinstance(data, Email):
+            data = data.model_dump(by_alias=True)
+        if isinstance(data, (str, bytes)):
+            return Email.model_validate_json(data, context=ctx)
+        if not isinstance(data, dict):
+            raise EmailValidationError([("(mail)", f"expected a mapping of fields, got {type(data).__name__}")])
+        return Email.model_validate(data, context=ctx)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors(include_url=False, include_input=False):
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            errors.append((_field_name(tuple(err["loc"])), msg))
+        raise EmailValidationError(errors) from None
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    RETRYING = "retrying"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+Outcome = Literal["sent", "transient", "permanent", "auth", "unknown", "unavailable"]
+
+
+class Attempt(BaseModel):
+    """One try at one vendor, as recorded on the mail."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    vendor: str
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    outcome: Outcome
+    error: str | None = None
+    message_id: str | None = None
+    job_id: int | None = None
+    consumer: str | None = None
+
+
+class MailRecord(BaseModel):
+    """A stored mail as callers see it (``Producer.status``, ``mailer status``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    status: Status
+    email: Email
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    job_id: int | None = None
+    rounds: int = 0
+    attempts: list[Attempt] = []
+    vendor: str | None = None
+    message_id: str | None = None
+    sent_at: dt.datetime | None = None
+    error: str | None = None
+    idempotency_key: str | None = None

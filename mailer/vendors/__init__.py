@@ -1,0 +1,1 @@
+"""Vendor adapters behind one protocol (see base)."""
