@@ -257,6 +257,12 @@ class Email(BaseModel):
     def recipients(self) -> list[Address]:
         return [*self.to, *self.cc, *self.bcc]
 
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> Email:
+        """Rebuild a stored mail. Limits were enforced when it was accepted (and may have
+        changed since), so only the shape is checked again; a corrupted document raises."""
+        return cls.model_validate(data, context={"max_bytes": 1 << 62, "max_recipients": 1 << 30})
+
 
 def _field_name(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []

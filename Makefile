@@ -1,0 +1,65 @@
+# Two commands do all set-up on a fresh Debian machine: `make run` and `make test`.
+# Both are idempotent: they reuse the venv and running services.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+CONCURRENCY ?= 50
+
+.PHONY: help venv services services-stop services-status run test lint bench loadtest faults clean
+
+help:
+	@echo "make run            set up, start beanstalkd + nx-27017, run a consumer (simulated sending)"
+	@echo "make test           set up, start the services, run lint and the whole test suite"
+	@echo "make services       start beanstalkd (127.0.0.1:11300) and nx-27017 (127.0.0.1:27017)"
+	@echo "make services-stop  stop them (by their pid files in .data/)"
+	@echo "make loadtest       10,000 mails through producer -> consumer, with a summary"
+	@echo "make bench          the benchmark matrix -> bench/results.json + bench/results.md"
+	@echo "make faults         the fault scenarios with their figures table"
+
+$(STAMP): pyproject.toml
+	@if [ ! -x "$(PY)" ]; then \
+	  python3 -m venv $(VENV) 2>/dev/null || { \
+	    echo "installing python3-venv (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+	    rm -rf $(VENV) && python3 -m venv $(VENV); }; \
+	fi
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,fast]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+services: $(STAMP)
+	@VENV=$(VENV) scripts/services.sh start
+
+services-stop:
+	@scripts/services.sh stop
+
+services-status:
+	@scripts/services.sh status
+
+run: services
+	$(VENV)/bin/mailer-consumer --concurrency $(CONCURRENCY)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mailer tests loadtest
+	$(VENV)/bin/ruff format --check mailer tests loadtest
+	$(VENV)/bin/mypy
+
+# pytest's exit 5 (no tests ran) is a failure here like any other non-zero exit.
+test: services lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+loadtest: services
+	$(PY) -m loadtest $(ARGS)
+
+bench: services
+	$(PY) -m loadtest.bench $(ARGS)
+
+faults: services
+	$(VENV)/bin/pytest tests/faults -m slow -p no:randomly $(PYTEST_ARGS)
+
+clean: services-stop
+	rm -rf .data $(VENV) *.egg-info

@@ -1,0 +1,394 @@
+"""Every MongoDB operation mailer performs, and nothing else touches MongoDB.
+
+The same code runs on real MongoDB (6-8) and on the local nx-27017 server, so it uses only
+standard operations, chosen where nx-27017 differs silently (see shared/mongodb-local.md):
+
+- datetimes that change after insert are written with ``$currentDate`` (a ``$set`` of a
+  top-level datetime reads back as a string there) or inside sub-documents set whole;
+- the attempt list is ``$set`` whole, never ``$push``-ed (a pushed sub-document reads back
+  as a JSON string there); the claim hands us the current list, so no extra read is needed;
+- equality on indexed fields is written ``{"$eq": ...}`` and claims go by ``_id``, which
+  keeps them on the index;
+- times queried by range (the claim lease, the next attempt) are epoch seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import TracebackType
+from typing import Any, Self
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from pymongo import AsyncMongoClient, ReturnDocument, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+
+from mailer.config import Settings
+from mailer.errors import MailNotFound, StoreError
+from mailer.models import Attempt, Email, MailRecord, Status
+
+Doc = dict[str, Any]
+_CLAIMABLE = [Status.QUEUED.value, Status.RETRYING.value]
+
+
+def parse_mail_id(value: str | bytes) -> ObjectId | None:
+    """The ObjectId in a job body or CLI argument, or None when it is not one."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    value = value.strip()
+    if len(value) != 24:
+        return None
+    try:
+        return ObjectId(value)
+    except (InvalidId, TypeError):
+        return None
+
+
+class ClaimState(Enum):
+    CLAIMED = "claimed"  # ours now: deliver it
+    MISSING = "missing"  # no such document: a poison job
+    DONE = "done"  # already sent or failed: a redelivery, send nothing
+    BUSY = "busy"  # another consumer holds a live lease: a twin job
+
+
+@dataclass(slots=True)
+class Claim:
+    state: ClaimState
+    doc: Doc | None = None
+
+    @property
+    def email(self) -> Email:
+        assert self.doc is not None
+        return Email.from_stored(self.doc["mail"])
+
+
+@dataclass(slots=True)
+class Finish:
+    """The final (or interim) state of one delivery round, written in a group commit."""
+
+    mail_id: str
+    status: Status
+    attempts: list[Doc]
+    vendor: str | None = None
+    message_id: str | None = None
+    error: str | None = None
+    next_attempt_ts: float | None = None
+    extra: Doc = field(default_factory=dict)
+
+
+def attempt_doc(attempt: Attempt) -> Doc:
+    return attempt.model_dump(exclude_none=True)
+
+
+class MailStore:
+    """The mails collection and the small vendor-status collection.
+
+    One instance per process; its ``AsyncMongoClient`` pools connections for every task.
+    """
+
+    def __init__(self, settings: Settings, *, client: AsyncMongoClient[Doc] | None = None) -> None:
+        self.settings = settings
+        self._own_client = client is None
+        self._client = client
+        self._mails: AsyncCollection[Doc] | None = None
+        self._vendors: AsyncCollection[Doc] | None = None
+
+    def __repr__(self) -> str:
+        m = self.settings.mongodb
+        return f"<MailStore collection={m.collection!r} connected={self._mails is not None}>"
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._mails is not None:
+            return
+        m = self.settings.mongodb
+        if self._client is None:
+            self._client = AsyncMongoClient(
+                m.uri.get_secret_value(),
+                tz_aware=True,
+                tzinfo=dt.UTC,
+                timeoutMS=m.timeout_ms,
+                serverSelectionTimeoutMS=m.timeout_ms,
+                connectTimeoutMS=m.timeout_ms,
+                appname="mailer",
+            )
+        db = self._client.get_default_database(default=m.database or "mailer")
+        if m.database:
+            db = self._client[m.database]
+        self._mails = db[m.collection]
+        self._vendors = db[m.vendor_status_collection]
+        try:
+            await self.ensure_indexes()
+        except PyMongoError as exc:
+            await self.close()
+            raise StoreError(
+                f"cannot reach MongoDB ({type(exc).__name__}): check mongodb.uri and that the server "
+                "is running ('make services' starts the local one)"
+            ) from None
+
+    async def ensure_indexes(self) -> None:
+        await self.mails.create_index("idempotency_key", unique=True, sparse=True)
+        await self.mails.create_index("status")
+
+    async def close(self) -> None:
+        if self._client is not None and self._own_client:
+            await self._client.close()
+            self._client = None
+        self._mails = self._vendors = None
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def mails(self) -> AsyncCollection[Doc]:
+        if self._mails is None:
+            raise StoreError("the store is not connected; call connect() first")
+        return self._mails
+
+    @property
+    def vendor_status(self) -> AsyncCollection[Doc]:
+        if self._vendors is None:
+            raise StoreError("the store is not connected; call connect() first")
+        return self._vendors
+
+    # --- the send path -----------------------------------------------------------------
+
+    @staticmethod
+    def new_document(email: Email, *, priority: int) -> Doc:
+        now = dt.datetime.now(dt.UTC)
+        doc: Doc = {
+            "_id": ObjectId(),
+            "status": Status.QUEUED.value,
+            "mail": email.model_dump(mode="python", exclude_none=True),
+            "priority": priority,
+            "created_at": now,
+            "updated_at": now,
+            "rounds": 0,
+            "attempts": [],
+            "job_id": None,
+            "lease_until": 0.0,
+            "next_attempt_ts": time.time() + email.delay_seconds(now),
+            "requeued_ts": None,
+        }
+        if email.idempotency_key is not None:
+            # Only when set: the unique index is sparse, so absent keys never collide.
+            doc["idempotency_key"] = email.idempotency_key
+        return doc
+
+    async def insert(self, doc: Doc) -> tuple[str, bool]:
+        """Insert one new mail; ``(id, False)`` when its idempotency key was already used."""
+        try:
+            await self.mails.insert_one(doc)
+        except DuplicateKeyError:
+            existing = await self._by_key(doc.get("idempotency_key"))
+            if existing is None:
+                raise
+            return existing, False
+        return str(doc["_id"]), True
+
+    async def insert_many(self, docs: Sequence[Doc]) -> list[tuple[str, bool]]:
+        """One ``insert_many``; per doc ``(id, new)``, reusing the ids of known idempotency keys."""
+        if not docs:
+            return []
+        failed: set[int] = set()
+        try:
+            await self.mails.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            for err in exc.details.get("writeErrors", []):
+                if err.get("code") != 11000:
+                    raise
+                failed.add(int(err["index"]))
+        out: list[tuple[str, bool]] = []
+        for i, doc in enumerate(docs):
+            if i in failed:
+                existing = await self._by_key(doc.get("idempotency_key"))
+                if existing is None:
+                    raise StoreError(f"mail {i}: duplicate key without an idempotency_key match")
+                out.append((existing, False))
+            else:
+                out.append((str(doc["_id"]), True))
+        return out
+
+    async def _by_key(self, key: str | None) -> str | None:
+        if key is None:
+            return None
+        found = await self.mails.find_one({"idempotency_key": {"$eq": key}}, {"_id": 1})
+        return None if found is None else str(found["_id"])
+
+    async def get(self, mail_id: str) -> MailRecord:
+        oid = parse_mail_id(mail_id)
+        doc = None if oid is None else await self.mails.find_one({"_id": oid})
+        if doc is None:
+            raise MailNotFound(f"no mail with id {mail_id!r} in collection {self.settings.mongodb.collection!r}")
+        return to_record(doc)
+
+    async def delete(self, mail_id: str) -> bool:
+        oid = parse_mail_id(mail_id)
+        if oid is None:
+            return False
+        return (await self.mails.delete_one({"_id": oid})).deleted_count == 1
+
+    # --- the deliver path --------------------------------------------------------------
+
+    async def claim(self, oid: ObjectId, *, job_id: int, consumer: str, lease_s: float) -> Claim:
+        """Take a mail for delivery in one atomic ``find_one_and_update`` that returns it.
+
+        Claimable: queued/retrying, or sending under a lease that has run out (its consumer
+        died). Only when that fails is the document read again, to tell why.
+        """
+        now = time.time()
+        doc = await self.mails.find_one_and_update(
+            {
+                "_id": oid,
+                "$or": [
+                    {"status": {"$in": _CLAIMABLE}},
+                    {"status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": now}},
+                ],
+            },
+            {
+                "$set": {
+                    "status": Status.SENDING.value,
+                    "job_id": job_id,
+                    "consumer": consumer,
+                    "lease_until": now + lease_s,
+                },
+                "$inc": {"rounds": 1},
+                "$currentDate": {"updated_at": True},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return Claim(ClaimState.CLAIMED, doc)
+        current = await self.mails.find_one({"_id": oid}, {"status": 1})
+        if current is None:
+            return Claim(ClaimState.MISSING)
+        if current["status"] in (Status.SENT.value, Status.FAILED.value):
+            return Claim(ClaimState.DONE, current)
+        return Claim(ClaimState.BUSY, current)
+
+    async def extend_lease(self, oid: ObjectId, consumer: str, lease_s: float) -> None:
+        await self.mails.update_one(
+            {"_id": oid, "consumer": {"$eq": consumer}, "status": {"$eq": Status.SENDING.value}},
+            {"$set": {"lease_until": time.time() + lease_s}},
+        )
+
+    @staticmethod
+    def _finish_op(f: Finish) -> UpdateOne:
+        fields: Doc = {
+            "status": f.status.value,
+            "attempts": f.attempts,
+            "error": f.error,
+            "lease_until": 0.0,
+            **f.extra,
+        }
+        dates: Doc = {"updated_at": True}
+        if f.status is Status.SENT:
+            fields["vendor"] = f.vendor
+            fields["message_id"] = f.message_id
+            dates["sent_at"] = True
+        if f.next_attempt_ts is not None:
+            fields["next_attempt_ts"] = f.next_attempt_ts
+        return UpdateOne({"_id": ObjectId(f.mail_id)}, {"$set": fields, "$currentDate": dates})
+
+    async def finish_many(self, finishes: Iterable[Finish]) -> None:
+        """Write many delivery results in one ``bulk_write`` (the consumer's group commit)."""
+        ops = [self._finish_op(f) for f in finishes]
+        if ops:
+            await self.mails.bulk_write(ops, ordered=False)
+
+    async def release_claim(self, oid: ObjectId, status: Status = Status.QUEUED) -> None:
+        """Give an unfinished claim back (shutdown) so the next consumer can take it at once."""
+        await self.mails.update_one(
+            {"_id": oid, "status": {"$eq": Status.SENDING.value}},
+            {"$set": {"status": status.value, "lease_until": 0.0}, "$currentDate": {"updated_at": True}},
+        )
+
+    # --- vendor availability shared by every consumer ----------------------------------
+
+    async def vendor_marks(self) -> dict[str, tuple[float, str]]:
+        """``{vendor: (unavailable_until_epoch, reason)}`` for every vendor ever marked."""
+        out: dict[str, tuple[float, str]] = {}
+        async for doc in self.vendor_status.find({}):
+            out[str(doc["_id"])] = (float(doc.get("until", 0.0)), str(doc.get("reason", "")))
+        return out
+
+    async def mark_vendor(self, name: str, until: float, reason: str) -> None:
+        """Mark ``name`` unavailable until ``until``; ``$max`` keeps the longest of rival marks."""
+        await self.vendor_status.update_one(
+            {"_id": name},
+            {"$max": {"until": until}, "$set": {"reason": reason[:500], "marked_at": time.time()}},
+            upsert=True,
+        )
+
+    async def clear_vendor(self, name: str) -> None:
+        """A successful probe closes the breaker for everyone."""
+        await self.vendor_status.update_one(
+            {"_id": name}, {"$set": {"until": 0.0, "reason": "", "marked_at": time.time()}}, upsert=True
+        )
+
+    # --- operations --------------------------------------------------------------------
+
+    async def status_counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in Status}
+        cursor = await self.mails.aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
+        async for row in cursor:
+            counts[str(row["_id"])] = int(row["n"])
+        return counts
+
+    async def find_orphans(self, *, older_than_s: float, now: float | None = None, limit: int = 10000) -> list[Doc]:
+        """Mails no live job may deliver: never-claimed queued mails older than the threshold,
+        retrying mails well past their next attempt, and sending mails whose lease ran out."""
+        now = time.time() if now is None else now
+        cutoff = now - older_than_s
+        cursor = self.mails.find(
+            {
+                "$or": [
+                    {"status": {"$in": _CLAIMABLE}, "next_attempt_ts": {"$lt": cutoff}},
+                    {"status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": now}},
+                ]
+            },
+            {"_id": 1, "status": 1, "priority": 1, "next_attempt_ts": 1, "requeued_ts": 1},
+        ).limit(limit)
+        return [doc async for doc in cursor]
+
+    async def mark_requeued(self, oid: ObjectId, *, expected_ts: float | None, now: float) -> bool:
+        """Stamp a requeue; the compare-and-set makes two sweeps at once requeue a mail once."""
+        result = await self.mails.update_one(
+            {"_id": oid, "requeued_ts": {"$eq": expected_ts}},
+            {"$set": {"requeued_ts": now, "next_attempt_ts": now}},
+        )
+        return result.modified_count == 1
+
+
+def to_record(doc: Doc) -> MailRecord:
+    """The stored document as the public record model."""
+    return MailRecord(
+        id=str(doc["_id"]),
+        status=Status(doc["status"]),
+        email=Email.from_stored(doc["mail"]),
+        created_at=doc["created_at"],
+        updated_at=doc.get("updated_at") or doc["created_at"],
+        job_id=doc.get("job_id"),
+        rounds=int(doc.get("rounds", 0)),
+        attempts=[Attempt.model_validate(a) for a in doc.get("attempts", [])],
+        vendor=doc.get("vendor"),
+        message_id=doc.get("message_id"),
+        sent_at=doc.get("sent_at"),
+        error=doc.get("error"),
+        idempotency_key=doc.get("idempotency_key"),
+    )
