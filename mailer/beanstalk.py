@@ -262,7 +262,9 @@ class Beanstalk:
         command = f"put {priority} {delay} {ttr} {len(body)}"
         return command, command.encode("ascii") + b"\r\n" + body + b"\r\n"
 
-    async def put(self, body: bytes, *, priority: int = DEFAULT_PRIORITY, delay: int = 0, ttr: int = 120) -> int:
+    async def put(
+        self, body: bytes, *, priority: int = DEFAULT_PRIORITY, delay: int = 0, ttr: int = 120
+    ) -> int:
         """Put a job on the used tube and return its id."""
         command, data = self._put_data(body, priority, delay, ttr)
         tokens = self._check(command, await self._wait(command, self._send(command, data)), b"INSERTED")
@@ -313,7 +315,7 @@ class Beanstalk:
             self._watching.remove(tube)
         return int(tokens[1])
 
-    async def reserve(self, timeout: float | None = None) -> Job:
+    async def reserve(self, timeout: float | None = None) -> Job:  # noqa: ASYNC109
         """Reserve a job; with ``timeout`` (seconds) raise :class:`TimedOut` when none comes."""
         if timeout is None:
             command, extra = "reserve", 10.0**9
@@ -419,7 +421,9 @@ def _parse_dict(body: bytes) -> dict[str, str | int | float]:
 
 
 def _parse_list(body: bytes) -> list[str]:
-    return [line[2:].strip() for line in body.decode("utf-8", "replace").splitlines() if line.startswith("- ")]
+    return [
+        line[2:].strip() for line in body.decode("utf-8", "replace").splitlines() if line.startswith("- ")
+    ]
 
 
 __all__ = ["DEFAULT_PRIORITY", "Beanstalk", "Job", "TimedOut"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from mailer.errors import ConfigError
 
@@ -30,8 +30,9 @@ class BeanstalkdSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(11300, ge=1, le=65535)
     tube: str = Field("mailer", pattern=r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]{0,199}$")
-    # Must exceed the worst delivery time (every vendor's timeout in turn); the consumer
-    # also touches long deliveries, so this is a safety net rather than a hard bound.
+    # Also the length of a consumer's claim on a mail (its lease): when a consumer dies the
+    # job comes back after TTR and the claim has run out with it, so the next consumer can
+    # take the mail over. Long deliveries touch the job and extend the lease together.
     ttr_s: int = Field(120, ge=2, le=86400)
     connect_timeout_s: float = Field(5.0, gt=0)
     # Bound on any single command's reply (reserve-with-timeout adds its own timeout).
@@ -67,8 +68,6 @@ class ConsumerSettings(_Section):
     backoff_base_s: float = Field(30.0, ge=0)
     backoff_cap_s: float = Field(3600.0, ge=0)
     grace_s: float = Field(30.0, ge=0)
-    # A claim is owned for this long; a consumer that dies loses its claim after it.
-    lease_s: float = Field(300.0, gt=0)
     registry_refresh_s: float = Field(5.0, gt=0)
     reserve_timeout_s: int = Field(1, ge=0)
     # Periodic requeue sweep of orphaned mails; 0 switches it off.
@@ -228,8 +227,8 @@ def load_settings(
     named = path if path is not None else os.environ.get("MAILER_CONFIG") or None
     if named is not None:
         file: Path | None = Path(named)
-        if not file.is_file():
-            raise ConfigError(f"{file}: configuration file not found (named by --config or MAILER_CONFIG)")
+        if not Path(named).is_file():
+            raise ConfigError(f"{named}: configuration file not found (named by --config or MAILER_CONFIG)")
     else:
         file = Path("config.toml") if Path("config.toml").is_file() else None
 
@@ -255,4 +254,11 @@ def load_settings(
     except ValidationError as exc:
         details = "; ".join(_describe(exc.errors()))
         raise ConfigError(f"{where} (with MAILER_* environment overrides): {details}") from None
+    except SettingsError as exc:
+        # A MAILER_* variable for a list or section that is not valid JSON. The message
+        # names the field only; the value (maybe a secret) is never shown.
+        raise ConfigError(
+            f"{where}: a MAILER_* environment variable is unusable ({exc}); "
+            "give lists and sections as JSON, e.g. MAILER_VENDORS__ORDER='[\"mailgun\"]'"
+        ) from None
     return settings.for_test() if test else settings

@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mailer.errors import EmailValidationError
 
@@ -43,12 +44,31 @@ _META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 # conflict with the field or let a caller smuggle recipients past validation.
 RESERVED_HEADERS = frozenset(
     {
-        "from", "to", "cc", "bcc", "subject", "reply-to", "sender", "date", "message-id",
-        "mime-version", "content-type", "content-transfer-encoding", "return-path",
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "reply-to",
+        "sender",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "return-path",
         "x-mailer-id",
     }
 )
 MAIL_ID_HEADER = "X-Mailer-Id"
+
+
+def _field_error(field: str, message: str) -> ValidationError:
+    """A whole-mail check's error located at ``field``, so callers can map it to a form."""
+    return ValidationError.from_exception_data(
+        "Email",
+        [InitErrorDetails(type=PydanticCustomError("value_error", message), loc=(field,), input=None)],
+    )
 
 
 def _no_crlf(value: str, what: str) -> str:
@@ -130,7 +150,7 @@ class Attachment(BaseModel):
     def _check_filename(cls, value: str) -> str:
         _no_crlf(value, "filename")
         if any(c in value for c in '/\\"\x00'):
-            raise ValueError("filename must not contain / \\ \" or NUL")
+            raise ValueError('filename must not contain / \\ " or NUL')
         return value
 
     @field_validator("content", mode="before")
@@ -138,7 +158,9 @@ class Attachment(BaseModel):
     def _decode(cls, value: Any) -> Any:
         if isinstance(value, str):
             try:
-                return base64.b64decode(value, validate=True)
+                # Standard or URL-safe alphabet: pydantic's own JSON output (ser_json_bytes=
+                # "base64") is URL-safe, and a mail's JSON must parse back.
+                return base64.b64decode(value, altchars=b"-_", validate=True)
             except (binascii.Error, ValueError):
                 raise ValueError("content given as text must be base64") from None
         return value
@@ -219,20 +241,24 @@ class Email(BaseModel):
     @field_validator("send_at")
     @classmethod
     def _check_send_at(cls, value: dt.datetime | None) -> dt.datetime | None:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             raise ValueError("send_at must include a timezone (e.g. 2026-01-01T09:00:00Z)")
-        return value
+        # BSON datetimes hold milliseconds: truncate so the stored mail reads back equal.
+        return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
     @model_validator(mode="after")
     def _check_whole(self, info: ValidationInfo) -> Self:
         if not (self.text or self.html):
-            raise ValueError("give 'text' and/or 'html': a mail needs a body")
+            raise _field_error("text", "give 'text' and/or 'html': a mail needs a body")
         if self.send_at is not None and self.delay is not None:
-            raise ValueError("give either 'send_at' or 'delay', not both")
+            raise _field_error("delay", "give either 'send_at' or 'delay', not both")
         n = len(self.to) + len(self.cc) + len(self.bcc)
         ctx = info.context if isinstance(info.context, dict) else {}
         if n > ctx.get("max_recipients", MAX_RECIPIENTS):
-            raise ValueError(f"{n} recipients in to/cc/bcc; at most {ctx.get('max_recipients', MAX_RECIPIENTS)} per mail")
+            limit_n = ctx.get("max_recipients", MAX_RECIPIENTS)
+            raise _field_error("to", f"{n} recipients in to/cc/bcc; at most {limit_n} per mail")
         limit = ctx.get("max_bytes", MAX_EMAIL_BYTES)
         if self.size() > limit:
             raise ValueError(f"the mail is about {self.size()} bytes; the limit is {limit} bytes")
@@ -248,7 +274,7 @@ class Email(BaseModel):
     def delay_seconds(self, now: dt.datetime | None = None) -> int:
         """beanstalkd delay for this mail (whole seconds, never negative)."""
         if self.delay is not None:
-            return int(round(self.delay))
+            return round(self.delay)
         if self.send_at is not None:
             now = now or dt.datetime.now(dt.UTC)
             return max(0, min(MAX_DELAY_S, int((self.send_at - now).total_seconds() + 0.999)))
@@ -293,7 +319,9 @@ def parse_email(
         if isinstance(data, (str, bytes)):
             return Email.model_validate_json(data, context=ctx)
         if not isinstance(data, dict):
-            raise EmailValidationError([("(mail)", f"expected a mapping of fields, got {type(data).__name__}")])
+            raise EmailValidationError(
+                [("(mail)", f"expected a mapping of fields, got {type(data).__name__}")]
+            )
         return Email.model_validate(data, context=ctx)
     except ValidationError as exc:
         errors = []

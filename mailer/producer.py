@@ -94,7 +94,8 @@ class Producer:
     def _require(self) -> None:
         if not self._connected:
             raise ProducerClosedError(
-                "the producer is not connected: call 'await producer.connect()' or use 'async with Producer()'"
+                "the producer is not connected: call 'await producer.connect()' "
+                "or use 'async with Producer()'"
             )
 
     # --- sending -----------------------------------------------------------------------
@@ -120,7 +121,9 @@ class Producer:
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(f"MongoDB refused the mail, nothing was queued: {type(exc).__name__}: {exc}") from None
+            raise StoreError(
+                f"MongoDB refused the mail, nothing was queued: {type(exc).__name__}: {exc}"
+            ) from None
         if new:
             try:
                 await self._put(mail_id.encode(), self._priority(mail), mail.delay_seconds())

@@ -234,7 +234,9 @@ class MailStore:
         oid = parse_mail_id(mail_id)
         doc = None if oid is None else await self.mails.find_one({"_id": oid})
         if doc is None:
-            raise MailNotFound(f"no mail with id {mail_id!r} in collection {self.settings.mongodb.collection!r}")
+            raise MailNotFound(
+                f"no mail with id {mail_id!r} in collection {self.settings.mongodb.collection!r}"
+            )
         return to_record(doc)
 
     async def delete(self, mail_id: str) -> bool:
@@ -249,36 +251,40 @@ class MailStore:
         """Take a mail for delivery in one atomic ``find_one_and_update`` that returns it.
 
         Claimable: queued/retrying, or sending under a lease that has run out (its consumer
-        died). Only when that fails is the document read again, to tell why.
+        died). The common case is one round trip; only when it fails is the document read
+        again, to tell why or to take over an expired lease. (The two cases are separate
+        queries, not one ``$or``: nx-27017 answers an ``$or`` with a collection scan.)
         """
         now = time.time()
+        update: Doc = {
+            "$set": {
+                "status": Status.SENDING.value,
+                "job_id": job_id,
+                "consumer": consumer,
+                "lease_until": now + lease_s,
+            },
+            "$inc": {"rounds": 1},
+            "$currentDate": {"updated_at": True},
+        }
         doc = await self.mails.find_one_and_update(
-            {
-                "_id": oid,
-                "$or": [
-                    {"status": {"$in": _CLAIMABLE}},
-                    {"status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": now}},
-                ],
-            },
-            {
-                "$set": {
-                    "status": Status.SENDING.value,
-                    "job_id": job_id,
-                    "consumer": consumer,
-                    "lease_until": now + lease_s,
-                },
-                "$inc": {"rounds": 1},
-                "$currentDate": {"updated_at": True},
-            },
-            return_document=ReturnDocument.AFTER,
+            {"_id": oid, "status": {"$in": _CLAIMABLE}}, update, return_document=ReturnDocument.AFTER
         )
         if doc is not None:
             return Claim(ClaimState.CLAIMED, doc)
-        current = await self.mails.find_one({"_id": oid}, {"status": 1})
+        current = await self.mails.find_one({"_id": oid}, {"status": 1, "lease_until": 1})
         if current is None:
             return Claim(ClaimState.MISSING)
         if current["status"] in (Status.SENT.value, Status.FAILED.value):
             return Claim(ClaimState.DONE, current)
+        if current["status"] == Status.SENDING.value and float(current.get("lease_until", 0)) < now:
+            doc = await self.mails.find_one_and_update(
+                {"_id": oid, "status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": now}},
+                update,
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                return Claim(ClaimState.CLAIMED, doc)
+            return await self.claim(oid, job_id=job_id, consumer=consumer, lease_s=lease_s)
         return Claim(ClaimState.BUSY, current)
 
     async def extend_lease(self, oid: ObjectId, consumer: str, lease_s: float) -> None:
@@ -350,7 +356,9 @@ class MailStore:
             counts[str(row["_id"])] = int(row["n"])
         return counts
 
-    async def find_orphans(self, *, older_than_s: float, now: float | None = None, limit: int = 10000) -> list[Doc]:
+    async def find_orphans(
+        self, *, older_than_s: float, now: float | None = None, limit: int = 10000
+    ) -> list[Doc]:
         """Mails no live job may deliver: never-claimed queued mails older than the threshold,
         retrying mails well past their next attempt, and sending mails whose lease ran out."""
         now = time.time() if now is None else now

@@ -1,0 +1,324 @@
+"""The consumer process: N reserve loops on one event loop.
+
+Each loop owns a beanstalkd connection (a reserve blocks its connection); all loops share
+one MongoDB client, one vendor registry and one group committer. Signals stop the loops
+from reserving, in-flight deliveries get a grace period, and whatever is still unfinished
+is handed back (claim released, job released with no delay) before the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from pymongo.errors import PyMongoError
+
+from mailer.beanstalk import Beanstalk, Job
+from mailer.config import Settings, load_settings
+from mailer.delivery import Committer, Delivery
+from mailer.errors import BeanstalkError, ConfigError, MailerError, TimedOut
+from mailer.routing import Clock, VendorRegistry
+from mailer.store import MailStore, parse_mail_id
+from mailer.throughput import ThroughputMeter
+from mailer.vendors import Vendor, build_vendors
+
+log = logging.getLogger("mailer.consumer")
+
+
+@dataclass(slots=True)
+class _InFlight:
+    job: Job
+    queue: Beanstalk
+    started: float
+    touched: float
+
+
+class Consumer:
+    """``async with Consumer(settings) as c: await c.run()``; ``c.stop()`` ends it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        concurrency: int | None = None,
+        vendors: Sequence[Vendor] | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.concurrency = concurrency or settings.consumer.concurrency
+        self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.store = MailStore(settings)
+        c = settings.consumer
+        self.registry = VendorRegistry(
+            list(vendors) if vendors is not None else build_vendors(settings),
+            store=self.store,
+            cooldown_s=c.vendor_cooldown_s,
+            refresh_s=c.registry_refresh_s,
+            clock=clock,
+        )
+        self.committer = Committer(self.store, batch=c.commit_batch, interval_s=c.commit_interval_ms / 1000)
+        self.delivery = Delivery(
+            settings, self.store, self.registry, self.committer, consumer_id=self.consumer_id, clock=clock
+        )
+        self.meter = ThroughputMeter("Consumer", settings.throughput_interval_s)
+        self.processed = 0
+        self._stopping = asyncio.Event()
+        self._inflight: dict[int, _InFlight] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._queues: list[Beanstalk] = []
+        self._background: list[asyncio.Task[None]] = []
+
+    def __repr__(self) -> str:
+        tube = self.settings.beanstalkd.tube
+        return f"<Consumer {self.consumer_id} tube={tube!r} concurrency={self.concurrency}>"
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self.store.connect()
+        await self.registry.start()
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._background.clear()
+        await self.committer.close()
+        await self.meter.stop()
+        for queue in self._queues:
+            await queue.close()
+        await self.registry.close()
+        await self.store.close()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def stop(self) -> None:
+        """Stop reserving; ``run`` then drains in-flight work within the grace period."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> None:
+        """Run the loops until ``stop()``; then finish or hand back what is in flight."""
+        loop = asyncio.get_running_loop()
+        if self.settings.measure_throughput:
+            self.meter.start()
+        self._background.append(loop.create_task(self._keepalive()))
+        self._loops = [loop.create_task(self._reserve_loop(i)) for i in range(self.concurrency)]
+        await self._stopping.wait()
+        grace = self.settings.consumer.grace_s
+        log.info("stopping: no new jobs; waiting up to %.0f s for %d in flight", grace, len(self._inflight))
+        done, pending = await asyncio.wait(self._loops, timeout=grace) if self._loops else (set(), set())
+        if pending:
+            log.warning("grace period over: handing back %d unfinished deliveries", len(self._inflight))
+            unfinished = list(self._inflight.values())
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await self._hand_back(unfinished)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("a reserve loop ended with an error", exc_info=task.exception())
+
+    async def _hand_back(self, unfinished: list[_InFlight]) -> None:
+        for item in unfinished:
+            oid = parse_mail_id(item.job.body)
+            try:
+                if oid is not None:
+                    await self.store.release_claim(oid)
+                await item.queue.release(item.job.id, priority=self.settings.producer.default_priority)
+            except (MailerError, PyMongoError, OSError) as exc:
+                # Closing the connection releases the job anyway; the claim runs out with TTR.
+                log.warning("could not hand back job %s cleanly: %s", item.job.id, exc)
+
+    # --- the loops ---------------------------------------------------------------------
+
+    def _new_queue(self) -> Beanstalk:
+        b = self.settings.beanstalkd
+        return Beanstalk(
+            b.host, b.port, connect_timeout=b.connect_timeout_s, command_timeout=b.command_timeout_s
+        )
+
+    async def _open(self, queue: Beanstalk) -> None:
+        await queue.connect()
+        tube = self.settings.beanstalkd.tube
+        await queue.watch(tube)
+        if tube != "default":
+            await queue.ignore("default")
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _reserve_loop(self, index: int) -> None:
+        queue = self._new_queue()
+        self._queues.append(queue)
+        timeout = self.settings.consumer.reserve_timeout_s
+        failures = 0
+        while not self.stopping:
+            try:
+                if not queue.connected:
+                    await queue.close()
+                    await self._open(queue)
+                job = await queue.reserve(timeout)
+            except TimedOut:
+                failures = 0
+                continue
+            except BeanstalkError as exc:
+                failures += 1
+                pause = min(30.0, 0.5 * 2 ** min(failures, 6))
+                if failures == 1 or failures % 10 == 0:
+                    log.warning("loop %d: beanstalkd unavailable (%s); retrying in %.1f s", index, exc, pause)
+                await queue.close()
+                await self._pause(pause)
+                continue
+            failures = 0
+            now = time.monotonic()
+            self._inflight[index] = _InFlight(job, queue, now, now)
+            try:
+                await self.delivery.handle(job, queue)
+                self.processed += 1
+                self.meter.add()
+            except (PyMongoError, MailerError, OSError) as exc:
+                # MongoDB away, or the job vanished: leave the job to beanstalkd (TTR, or the
+                # closed connection) rather than guess; nothing is deleted unrecorded.
+                log.warning(
+                    "loop %d: job %s not settled (%s: %s); pausing", index, job.id, type(exc).__name__, exc
+                )
+                await queue.close()
+                await self._pause(1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "loop %d: unexpected error on job %s; it comes back after its TTR", index, job.id
+                )
+                await queue.close()
+                await self._pause(1.0)
+            finally:
+                self._inflight.pop(index, None)
+        await queue.close()
+
+    async def _keepalive(self) -> None:
+        """Touch jobs (and extend their claims) whose delivery runs long, so the TTR never
+        hands a mail still being delivered to another consumer."""
+        ttr = float(self.settings.beanstalkd.ttr_s)
+        every = max(0.5, ttr / 3)
+        while True:
+            await asyncio.sleep(every / 2)
+            now = time.monotonic()
+            for item in list(self._inflight.values()):
+                if now - item.touched < every:
+                    continue
+                item.touched = now
+                oid = parse_mail_id(item.job.body)
+                try:
+                    await item.queue.touch(item.job.id)
+                    if oid is not None:
+                        await self.store.extend_lease(oid, self.consumer_id, ttr)
+                except (MailerError, PyMongoError, OSError) as exc:
+                    log.warning("could not extend job %s: %s", item.job.id, exc)
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailer-consumer", description="Deliver queued mails.")
+    p.add_argument(
+        "--concurrency", type=int, default=None, help="reserve loops (default: consumer.concurrency)"
+    )
+    p.add_argument("--test", action="store_true", help="use the [test] tube and collections")
+    p.add_argument("--config", default=None, help="configuration file (default: ./config.toml if present)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
+    return p
+
+
+async def _serve(settings: Settings, concurrency: int | None) -> int:
+    consumer = Consumer(settings, concurrency=concurrency)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting at once")
+            os._exit(130)
+        log.info("%s received: shutting down (send it again to exit at once)", signal.Signals(signum).name)
+        consumer.stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    async with consumer:
+        mode = (
+            "production (real vendors)"
+            if settings.production
+            else "simulated vendors (MAILER_ENV is not production)"
+        )
+        log.info(
+            "consumer %s: tube %r, collection %r, %d loops, %s: %s",
+            consumer.consumer_id,
+            settings.beanstalkd.tube,
+            settings.mongodb.collection,
+            consumer.concurrency,
+            mode,
+            ", ".join(v.name for v in consumer.registry.vendors),
+        )
+        await consumer.run()
+    log.info("consumer stopped after %d jobs", consumer.processed)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        settings = load_settings(args.config, test=args.test)
+    except ConfigError as exc:
+        print(f"mailer-consumer: {exc}", file=sys.stderr)
+        return 2
+    if args.concurrency is not None and args.concurrency < 1:
+        print("mailer-consumer: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    if args.uvloop:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            uvloop.install()
+    try:
+        return asyncio.run(_serve(settings, args.concurrency))
+    except MailerError as exc:
+        print(f"mailer-consumer: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

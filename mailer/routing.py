@@ -1,0 +1,201 @@
+"""Which vendor sends a mail: round robin by job id, with circuit breakers shared through MongoDB.
+
+Round robin is by the beanstalkd job id over the vendors available *now*, in the configured
+order: ``available[job_id % len(available)]``, then the next ones in that list (wrapping)
+on failure. Job ids are consecutive, so 4,000 jobs over 4 healthy vendors are 1,000 each,
+and with one vendor down the other three share its load evenly.
+
+A vendor that fails (transient or auth error) is *open* (unavailable) for the cooldown, or
+longer if it asked (``Retry-After``). The mark goes to a small MongoDB collection so every
+consumer process skips it; each process refreshes its view every few seconds and whenever
+it marks a vendor, never with a read per mail. After the cooldown the vendor is
+*half-open*: this process lets one real send through as a probe; success closes it for
+everyone, failure opens it for another cooldown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pymongo.errors import PyMongoError
+
+from mailer.errors import VendorAuthError, VendorError
+from mailer.store import MailStore
+from mailer.vendors.base import Vendor
+
+log = logging.getLogger("mailer.routing")
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True)
+class _Breaker:
+    until: float = 0.0  # unavailable until this epoch time; 0 = closed
+    reason: str = ""
+    probing: bool = False  # a half-open probe of this process is in flight
+
+
+class VendorRegistry:
+    """The vendors of one consumer process and their availability.
+
+    ``store`` may be None (tests, single-process tools): marks then stay local.
+    ``clock`` returns epoch seconds; tests inject one to cross cooldowns without sleeping.
+    """
+
+    def __init__(
+        self,
+        vendors: Sequence[Vendor],
+        *,
+        store: MailStore | None = None,
+        cooldown_s: float = 600.0,
+        refresh_s: float = 5.0,
+        clock: Clock = time.time,
+    ) -> None:
+        if not vendors:
+            raise ValueError("a registry needs at least one vendor")
+        names = [v.name for v in vendors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"vendor names must be unique: {names}")
+        self.vendors = list(vendors)
+        self.store = store
+        self.cooldown_s = cooldown_s
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self._breakers = {v.name: _Breaker() for v in self.vendors}
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._pending_writes: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the vendors, load the shared marks and keep them fresh."""
+        for vendor in self.vendors:
+            await vendor.connect()
+        await self.refresh()
+        if self.store is not None and self._refresh_task is None:
+            self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def close(self) -> None:
+        task, self._refresh_task = self._refresh_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._pending_writes:
+            await asyncio.gather(*self._pending_writes, return_exceptions=True)
+        for vendor in self.vendors:
+            try:
+                await vendor.close()
+            except Exception:
+                log.exception("closing vendor %s failed", vendor.name)
+
+    async def refresh(self) -> None:
+        """Adopt the shared marks (another process may have opened or closed a breaker)."""
+        if self.store is None:
+            return
+        marks = await self.store.vendor_marks()
+        for name, (until, reason) in marks.items():
+            breaker = self._breakers.get(name)
+            if breaker is not None:
+                breaker.until, breaker.reason = until, reason
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except PyMongoError as exc:
+                log.warning("could not refresh vendor availability from MongoDB: %s", type(exc).__name__)
+
+    # --- routing -----------------------------------------------------------------------
+
+    def is_available(self, name: str, now: float | None = None) -> bool:
+        breaker = self._breakers[name]
+        now = self.clock() if now is None else now
+        return breaker.until <= now and not breaker.probing
+
+    def available(self) -> list[Vendor]:
+        now = self.clock()
+        return [v for v in self.vendors if self.is_available(v.name, now)]
+
+    def plan(self, job_id: int) -> list[Vendor]:
+        """Vendors to try for this job, in order: the round-robin pick, then the next ones."""
+        available = self.available()
+        if not available:
+            return []
+        start = job_id % len(available)
+        return available[start:] + available[:start]
+
+    def next_available_at(self) -> float:
+        """When the first open breaker closes (for a back-off that waits for a vendor)."""
+        return min(b.until for b in self._breakers.values())
+
+    def begin(self, vendor: Vendor) -> bool:
+        """Claim the right to send through ``vendor`` now; False when it went away meanwhile.
+
+        A vendor past its cooldown is half-open: the first caller becomes its probe and
+        others skip it until the probe reports.
+        """
+        breaker = self._breakers[vendor.name]
+        now = self.clock()
+        if breaker.until > now or breaker.probing:
+            return False
+        if breaker.until > 0:
+            breaker.probing = True
+            log.info("vendor %s: cooldown over, probing with one send", vendor.name)
+        return True
+
+    def succeeded(self, vendor: Vendor) -> None:
+        breaker = self._breakers[vendor.name]
+        if breaker.probing or breaker.until > 0:
+            log.info("vendor %s: probe succeeded, available again", vendor.name)
+            breaker.until, breaker.reason, breaker.probing = 0.0, "", False
+            if self.store is not None:
+                self._write(self.store.clear_vendor(vendor.name))
+
+    def failed(self, vendor: Vendor, error: VendorError) -> None:
+        """Open the breaker for the cooldown (or the vendor's Retry-After, if longer)."""
+        breaker = self._breakers[vendor.name]
+        retry_after = getattr(error, "retry_after", None) or 0.0
+        until = self.clock() + max(self.cooldown_s, retry_after)
+        breaker.until, breaker.reason, breaker.probing = until, error.reason, False
+        if isinstance(error, VendorAuthError):
+            log.error(
+                "vendor %s refused our credentials or account (%s): unavailable for %.0f s; "
+                "fix [vendors.%s] in the configuration",
+                vendor.name, error.reason, until - self.clock(), vendor.name,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "vendor %s failed (%s): unavailable for %.0f s",
+                vendor.name,
+                error.reason,
+                until - self.clock(),
+            )
+        if self.store is not None:
+            self._write(self.store.mark_vendor(vendor.name, until, error.reason))
+
+    def released(self, vendor: Vendor) -> None:
+        """A begun send ended without a verdict (permanent error, cancel): end any probe."""
+        self._breakers[vendor.name].probing = False
+
+    def _write(self, coro: object) -> None:
+        """Share a mark in the background: a delivery never waits on it."""
+
+        async def run() -> None:
+            try:
+                await coro  # type: ignore[misc]
+            except PyMongoError as exc:
+                log.warning("could not share a vendor mark through MongoDB: %s", type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._pending_writes.add(task)
+        task.add_done_callback(self._pending_writes.discard)
+
+    def snapshot(self) -> dict[str, tuple[float, str]]:
+        """``{name: (unavailable_until, reason)}`` as this process sees it now."""
+        return {name: (b.until, b.reason) for name, b in self._breakers.items()}
