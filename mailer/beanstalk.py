@@ -46,13 +46,14 @@ class Job:
 
 
 class _Pending:
-    """A reply slot. ``abandoned`` slots are still read (to keep the order) but dropped."""
+    """A reply slot. Cancelled slots are still read (to keep the order), then dropped."""
 
-    __slots__ = ("command", "future")
+    __slots__ = ("command", "deadline", "future")
 
-    def __init__(self, command: str, future: asyncio.Future[_Reply]) -> None:
+    def __init__(self, command: str, future: asyncio.Future[_Reply], deadline: float) -> None:
         self.command = command
         self.future = future
+        self.deadline = deadline
 
 
 class Beanstalk:
@@ -82,6 +83,9 @@ class Beanstalk:
         self._using = "default"
         self._watching: list[str] = ["default"]
         self._closed_error: BaseException | None = None
+        # One timer watches the oldest pending reply (replies come in order, so if the
+        # oldest is late the connection is stuck); cheaper than a timeout per call.
+        self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "closed"
@@ -150,6 +154,9 @@ class Beanstalk:
     def _fail_all(self, error: BaseException) -> None:
         if self._closed_error is None:
             self._closed_error = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self._pending:
             slot = self._pending.popleft()
             if not slot.future.done():
@@ -197,38 +204,52 @@ class Beanstalk:
             )
         return self._writer
 
-    def _send(self, command: str, data: bytes) -> asyncio.Future[_Reply]:
-        """Write one command and queue its reply slot, with no await in between (order!)."""
-        writer = self._live_writer()
-        future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
-        writer.write(data)
-        self._pending.append(_Pending(command, future))
+    def _enqueue(self, command: str, extra: float = 0.0) -> asyncio.Future[_Reply]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_Reply] = loop.create_future()
+        deadline = loop.time() + self.command_timeout + extra
+        self._pending.append(_Pending(command, future, deadline))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._check_deadline)
         return future
 
-    async def _wait(self, command: str, future: asyncio.Future[_Reply], extra: float = 0.0) -> _Reply:
-        try:
-            async with asyncio.timeout(self.command_timeout + extra):
-                if self._writer is not None and self._writer.transport.get_write_buffer_size() > 1 << 20:
-                    await self._writer.drain()
-                return await asyncio.shield(future)
-        except TimeoutError:
-            error = BeanstalkTimeoutError(
-                f"beanstalkd at {self.host}:{self.port} did not answer {command!r} within "
-                f"{self.command_timeout + extra:.1f} s; the connection was closed, reconnect and retry"
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if not self._pending:
+            return
+        head = self._pending[0]
+        loop = asyncio.get_running_loop()
+        if head.deadline > loop.time():
+            self._timer = loop.call_at(head.deadline, self._check_deadline)
+            return
+        self._fail_all(
+            BeanstalkTimeoutError(
+                f"beanstalkd at {self.host}:{self.port} did not answer {head.command!r} in time; "
+                "the connection was closed, reconnect and retry"
             )
-            self._fail_all(error)
-            raise error from None
+        )
+        if self._writer is not None:
+            self._writer.close()
+
+    def _send(self, command: str, data: bytes, extra: float = 0.0) -> asyncio.Future[_Reply]:
+        """Write one command and queue its reply slot, with no await in between (order!)."""
+        self._live_writer().write(data)
+        return self._enqueue(command, extra)
+
+    async def _wait(self, command: str, future: asyncio.Future[_Reply]) -> _Reply:
+        try:
+            writer = self._writer
+            if writer is not None and writer.transport.get_write_buffer_size() > 1 << 20:
+                await writer.drain()
+            return await future
         except asyncio.CancelledError:
-            if not future.done():
-                # The reply will still come and must not be handed to the next caller; a
-                # cancelled reserve would leave a job reserved here, so drop the connection
-                # (beanstalkd then releases it) rather than keep an unknown state.
-                if command.startswith("reserve"):
-                    self._fail_all(BeanstalkConnectionError("a reserve was cancelled"))
-                    if self._writer is not None:
-                        self._writer.close()
-                else:
-                    future.cancel()
+            # A cancelled slot's reply is still read and dropped, so order holds. But a
+            # cancelled reserve would leave a job reserved here: drop the connection
+            # instead (beanstalkd then releases the job) rather than keep an unknown state.
+            if command.startswith("reserve"):
+                self._fail_all(BeanstalkConnectionError("a reserve was cancelled"))
+                if self._writer is not None:
+                    self._writer.close()
             raise
         except ConnectionError as exc:
             raise BeanstalkConnectionError(f"lost the connection to beanstalkd: {exc}") from None
@@ -237,7 +258,7 @@ class Beanstalk:
         data = command.encode("ascii") + b"\r\n"
         if body is not None:
             data += body + b"\r\n"
-        return await self._wait(command, self._send(command, data), extra)
+        return await self._wait(command, self._send(command, data, extra))
 
     @staticmethod
     def _check(command: str, reply: _Reply, *expected: bytes) -> list[bytes]:
@@ -285,11 +306,8 @@ class Beanstalk:
             return []
         # One write, then one slot per command, all before any await: order is preserved.
         self._live_writer().write(b"".join(chunks))
-        loop = asyncio.get_running_loop()
         for command in commands:
-            future: asyncio.Future[_Reply] = loop.create_future()
-            self._pending.append(_Pending(command, future))
-            futures.append((command, future))
+            futures.append((command, self._enqueue(command)))
         results: list[int | BeanstalkServerError] = []
         for command, future in futures:
             try:

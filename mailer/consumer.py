@@ -29,6 +29,7 @@ from mailer.beanstalk import Beanstalk, Job
 from mailer.config import Settings, load_settings
 from mailer.delivery import Committer, Delivery
 from mailer.errors import BeanstalkError, ConfigError, MailerError, TimedOut
+from mailer.requeue import sweep
 from mailer.routing import Clock, VendorRegistry
 from mailer.store import MailStore, parse_mail_id
 from mailer.throughput import ThroughputMeter
@@ -127,6 +128,8 @@ class Consumer:
         if self.settings.measure_throughput:
             self.meter.start()
         self._background.append(loop.create_task(self._keepalive()))
+        if self.settings.consumer.requeue_interval_s > 0:
+            self._background.append(loop.create_task(self._sweep_loop()))
         self._loops = [loop.create_task(self._reserve_loop(i)) for i in range(self.concurrency)]
         await self._stopping.wait()
         grace = self.settings.consumer.grace_s
@@ -222,6 +225,24 @@ class Consumer:
             finally:
                 self._inflight.pop(index, None)
         await queue.close()
+
+    async def _sweep_loop(self) -> None:
+        """The reconciler, run every ``requeue_interval_s`` (first soon after start, so a
+        consumer started after a beanstalkd loss recovers its mails quickly)."""
+        c = self.settings.consumer
+        queue = self._new_queue()
+        self._queues.append(queue)
+        wait = min(c.requeue_interval_s, 10.0)
+        while True:
+            await asyncio.sleep(wait)
+            wait = c.requeue_interval_s
+            try:
+                if not queue.connected:
+                    await queue.close()
+                    await queue.connect()
+                await sweep(self.settings, self.store, queue, older_than_s=c.requeue_older_than_s)
+            except (MailerError, PyMongoError, OSError) as exc:
+                log.warning("requeue sweep failed (%s); next in %.0f s", exc, wait)
 
     async def _keepalive(self) -> None:
         """Touch jobs (and extend their claims) whose delivery runs long, so the TTR never

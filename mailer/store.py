@@ -359,20 +359,26 @@ class MailStore:
     async def find_orphans(
         self, *, older_than_s: float, now: float | None = None, limit: int = 10000
     ) -> list[Doc]:
-        """Mails no live job may deliver: never-claimed queued mails older than the threshold,
-        retrying mails well past their next attempt, and sending mails whose lease ran out."""
+        """Mails no live job may deliver: queued or retrying mails whose time to go came
+        more than ``older_than_s`` ago, and sending mails whose claim lease ran out.
+
+        One query per status, each an indexed ``$eq`` (an ``$or`` would scan on nx-27017).
+        """
         now = time.time() if now is None else now
         cutoff = now - older_than_s
-        cursor = self.mails.find(
-            {
-                "$or": [
-                    {"status": {"$in": _CLAIMABLE}, "next_attempt_ts": {"$lt": cutoff}},
-                    {"status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": now}},
-                ]
-            },
-            {"_id": 1, "status": 1, "priority": 1, "next_attempt_ts": 1, "requeued_ts": 1},
-        ).limit(limit)
-        return [doc async for doc in cursor]
+        projection = {"_id": 1, "status": 1, "priority": 1, "next_attempt_ts": 1, "requeued_ts": 1}
+        queries: list[Doc] = [
+            {"status": {"$eq": Status.QUEUED.value}, "next_attempt_ts": {"$lt": cutoff}},
+            {"status": {"$eq": Status.RETRYING.value}, "next_attempt_ts": {"$lt": cutoff}},
+            {"status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": now}},
+        ]
+        found: list[Doc] = []
+        for query in queries:
+            cursor = self.mails.find(query, projection).limit(max(1, limit - len(found)))
+            found.extend([doc async for doc in cursor])
+            if len(found) >= limit:
+                break
+        return found
 
     async def mark_requeued(self, oid: ObjectId, *, expected_ts: float | None, now: float) -> bool:
         """Stamp a requeue; the compare-and-set makes two sweeps at once requeue a mail once."""
