@@ -58,6 +58,7 @@ RESERVED_HEADERS = frozenset(
         "content-transfer-encoding",
         "return-path",
         "x-mailer-id",
+        "x-mailer-metadata",
     }
 )
 MAIL_ID_HEADER = "X-Mailer-Id"
@@ -94,7 +95,9 @@ class Address(BaseModel):
         if isinstance(value, str):
             _no_crlf(value, "an address")
             pairs = getaddresses([value])
-            if len(pairs) != 1 or not pairs[0][1]:
+            # The parser is lenient: it joins 'a@exa mple.com' into 'a@example.com'. An
+            # address it did not find verbatim would be a silently different recipient.
+            if len(pairs) != 1 or not pairs[0][1] or pairs[0][1] not in value:
                 raise ValueError(f"not one e-mail address: {value[:80]!r}")
             name, addr = pairs[0]
             return {"email": addr, "name": name or None}
