@@ -80,6 +80,8 @@ class Consumer:
         self._loops: list[asyncio.Task[None]] = []
         self._queues: list[Beanstalk] = []
         self._background: list[asyncio.Task[None]] = []
+        self._last_warning = -1e9
+        self._suppressed = 0
 
     def __repr__(self) -> str:
         tube = self.settings.beanstalkd.tube
@@ -209,9 +211,7 @@ class Consumer:
             except (PyMongoError, MailerError, OSError) as exc:
                 # MongoDB away, or the job vanished: leave the job to beanstalkd (TTR, or the
                 # closed connection) rather than guess; nothing is deleted unrecorded.
-                log.warning(
-                    "loop %d: job %s not settled (%s: %s); pausing", index, job.id, type(exc).__name__, exc
-                )
+                self._warn_settle(f"job {job.id} not settled ({type(exc).__name__}: {exc}); pausing")
                 await queue.close()
                 await self._pause(1.0)
             except asyncio.CancelledError:
@@ -243,6 +243,16 @@ class Consumer:
                 await sweep(self.settings, self.store, queue, older_than_s=c.requeue_older_than_s)
             except (MailerError, PyMongoError, OSError) as exc:
                 log.warning("requeue sweep failed (%s); next in %.0f s", exc, wait)
+
+    def _warn_settle(self, message: str) -> None:
+        """One line per few seconds, not one per loop: 50 loops hitting a MongoDB outage at
+        once would otherwise bury the log."""
+        now = time.monotonic()
+        self._suppressed += 1
+        if now - self._last_warning >= 5.0:
+            more = f" (and {self._suppressed - 1} more like it)" if self._suppressed > 1 else ""
+            log.warning("%s%s", message, more)
+            self._last_warning, self._suppressed = now, 0
 
     async def _keepalive(self) -> None:
         """Touch jobs (and extend their claims) whose delivery runs long, so the TTR never

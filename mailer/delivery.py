@@ -44,6 +44,7 @@ class Settle:
     action: Action
     delay: int = 0
     reason: str = ""
+    priority: int = 1024
 
 
 class Committer:
@@ -139,7 +140,7 @@ class Delivery:
         if settle.action is Action.DELETE:
             await queue.delete(job.id)
         elif settle.action is Action.RELEASE:
-            await queue.release(job.id, priority=self.settings.producer.default_priority, delay=settle.delay)
+            await queue.release(job.id, priority=settle.priority, delay=settle.delay)
         else:
             await queue.bury(job.id)
 
@@ -224,10 +225,11 @@ class Delivery:
                 )
             )
             return Settle(Action.DELETE, reason="sent")
-        return await self._retry_later(job, mail_id, attempts, rounds, tried)
+        priority = int(doc.get("priority", self.settings.producer.default_priority))
+        return await self._retry_later(job, mail_id, attempts, rounds, tried, priority)
 
     async def _retry_later(
-        self, job: Job, mail_id: str, attempts: list[Doc], rounds: int, tried: bool
+        self, job: Job, mail_id: str, attempts: list[Doc], rounds: int, tried: bool, priority: int
     ) -> Settle:
         c = self.settings.consumer
         now = self.clock()
@@ -247,7 +249,7 @@ class Delivery:
         await self._commit(
             Finish(mail_id, Status.RETRYING, attempts, error=last_error, next_attempt_ts=now + delay_s)
         )
-        return Settle(Action.RELEASE, delay=delay_s, reason="retry")
+        return Settle(Action.RELEASE, delay=delay_s, reason="retry", priority=priority)
 
     def _attempt(
         self,
