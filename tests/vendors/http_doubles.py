@@ -72,6 +72,7 @@ class RecordedRequest:
     body: bytes
     connection: int  # one number per TCP connection the double accepted
     problems: list[str] = field(default_factory=list)
+    reply: Action | None = None  # what the double answered (set once it has decided)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -157,6 +158,7 @@ class HttpDouble:
                 self.requests.append(request)
                 refusal = self.check(request)
                 action = self._script.popleft() if self._script else refusal or self.success(request)
+                request.reply = action
                 if isinstance(action, Hang):
                     await reader.read()  # returns at EOF, when the client gives up
                     return
