@@ -165,7 +165,7 @@ class Beanstalk:
                 slot.future.exception()
 
     async def _read_loop(self) -> None:
-        reader = self._reader
+        reader, writer = self._reader, self._writer
         assert reader is not None
         try:
             while True:
@@ -175,6 +175,10 @@ class Beanstalk:
                 if tokens[0] in _BODY_REPLIES:
                     size = int(tokens[-1])
                     body = (await reader.readexactly(size + 2))[:-2]
+                if self._reader is not reader:
+                    # A reply still buffered from a connection that was closed and replaced:
+                    # it belongs to nobody waiting now.
+                    return
                 if not self._pending:
                     raise BeanstalkProtocolError(f"unexpected reply from beanstalkd: {line[:80]!r}")
                 slot = self._pending.popleft()
@@ -183,17 +187,20 @@ class Beanstalk:
         except asyncio.CancelledError:
             raise
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-            self._fail_all(
-                BeanstalkConnectionError(
-                    f"lost the connection to beanstalkd at {self.host}:{self.port} "
-                    f"({type(exc).__name__}); reconnect and retry"
+            if self._reader is reader:  # not a replaced connection: fail its callers
+                self._fail_all(
+                    BeanstalkConnectionError(
+                        f"lost the connection to beanstalkd at {self.host}:{self.port} "
+                        f"({type(exc).__name__}); reconnect and retry"
+                    )
                 )
-            )
         except (ValueError, IndexError, BeanstalkProtocolError) as exc:
-            self._fail_all(BeanstalkProtocolError(f"unreadable reply from beanstalkd: {exc}"))
+            if self._reader is reader:
+                self._fail_all(BeanstalkProtocolError(f"unreadable reply from beanstalkd: {exc}"))
         finally:
-            if self._writer is not None:
-                self._writer.close()
+            # Only this loop's own connection: a new one may already be in place.
+            if writer is not None:
+                writer.close()
 
     def _live_writer(self) -> asyncio.StreamWriter:
         if self._writer is None or self._closed_error is not None:

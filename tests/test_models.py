@@ -1,0 +1,376 @@
+"""The e-mail model: what is accepted, what is refused (and which field is named), delays."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from typing import Any
+
+import pytest
+
+from mailer.errors import EmailValidationError
+from mailer.models import MAX_RECIPIENTS, Address, Email, parse_email
+
+UTC = dt.UTC
+
+
+def mail(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "from": "Sender <sender@example.com>",
+        "to": "rcpt@example.com",
+        "subject": "Hello",
+        "text": "Hello there",
+    }
+    for key, value in changes.items():
+        if value is ...:
+            base.pop(key, None)
+        else:
+            base[key] = value
+    return base
+
+
+# --- valid mails -----------------------------------------------------------------------
+
+
+def test_minimal_mail() -> None:
+    e = parse_email(mail())
+    assert e.from_ == Address(email="sender@example.com", name="Sender")
+    assert e.to == [Address(email="rcpt@example.com")]
+    assert e.subject == "Hello" and e.text == "Hello there" and e.html is None
+    assert e.cc == e.bcc == e.reply_to == []
+    assert e.priority is None and e.delay is None and e.send_at is None
+
+
+def test_unicode_subject_names_and_idn_addresses() -> None:
+    e = parse_email(
+        mail(
+            **{"from": "Jörg Müller <joerg@bücher.de>"},
+            to=["δοκιμή@παράδειγμα.δοκιμή", "Łukasz Żółw <lukasz@example.com>"],
+            cc="用户 <用户@例子.广告>",
+            subject="Grüße 🎉 — 你好",
+            html="<p>ünïcödé</p>",
+        )
+    )
+    assert e.from_.name == "Jörg Müller"
+    assert e.from_.email == "joerg@bücher.de"
+    assert e.to[0].email == "δοκιμή@παράδειγμα.δοκιμή"
+    assert e.to[1].name == "Łukasz Żółw"
+    assert e.cc[0] == Address(email="用户@例子.广告", name="用户")
+    assert e.subject == "Grüße 🎉 — 你好"
+    assert str(e.from_) == "Jörg Müller <joerg@bücher.de>"
+
+
+def test_punycode_domain_accepted() -> None:
+    e = parse_email(mail(to="info@xn--bcher-kva.de"))
+    assert e.to[0].email.endswith("de")
+
+
+def test_to_as_string_or_list_and_address_forms() -> None:
+    one = parse_email(mail(to="a@example.com"))
+    many = parse_email(
+        mail(to=["a@example.com", "B <b@example.com>", {"email": "c@example.com", "name": "C"}])
+    )
+    assert one.to == [Address(email="a@example.com")]
+    assert [a.email for a in many.to] == ["a@example.com", "b@example.com", "c@example.com"]
+    assert [a.name for a in many.to] == [None, "B", "C"]
+    assert parse_email(mail(to={"email": "d@example.com"})).to == [Address(email="d@example.com")]
+
+
+@pytest.mark.parametrize(
+    ("text", "email", "name"),
+    [
+        ('"Doe, John" <john@example.com>', "john@example.com", "Doe, John"),
+        ("<john@example.com>", "john@example.com", None),
+        ("  john@example.com  ", "john@example.com", None),
+        ("John Doe <John.Doe@Example.COM>", "John.Doe@example.com", "John Doe"),
+    ],
+)
+def test_address_forms(text: str, email: str, name: str | None) -> None:
+    assert parse_email(mail(to=text)).to == [Address(email=email, name=name)]
+
+
+def test_from_and_from_underscore_both_accepted() -> None:
+    a = parse_email(mail())
+    b = parse_email({**mail(**{"from": ...}), "from_": "Sender <sender@example.com>"})
+    assert a == b
+    # The model itself, both spellings.
+    assert (
+        Email(from_="x@example.com", to="y@example.com", subject="s", text="t").from_.email == "x@example.com"
+    )
+    assert Email.model_validate(
+        {"from": "x@example.com", "to": ["y@example.com"], "subject": "s", "html": "h"}
+    )
+
+
+def test_parse_email_accepts_an_email_and_json() -> None:
+    e = parse_email(mail(cc=["c@example.com"], tags=["t1"], metadata={"order": 7}))
+    assert parse_email(e) == e
+    assert parse_email(json.dumps(mail(cc=["c@example.com"], tags=["t1"], metadata={"order": 7}))) == e
+    assert parse_email(json.dumps(mail()).encode()) == parse_email(mail())
+
+
+def test_all_optional_fields() -> None:
+    e = parse_email(
+        mail(
+            cc=["c@example.com"],
+            bcc=["d@example.com"],
+            reply_to="Support <support@example.com>",
+            html="<b>hi</b>",
+            headers={"X-Campaign": "spring", "List-Unsubscribe": "<mailto:u@example.com>"},
+            tags=["welcome", "a_b-c"],
+            metadata={"user_id": 42, "ratio": 0.5, "vip": True, "note": None, "name": "Zoë"},
+            priority=10,
+            delay=30,
+            idempotency_key="order-42",
+        )
+    )
+    assert e.reply_to == [Address(email="support@example.com", name="Support")]
+    assert e.headers["X-Campaign"] == "spring"
+    assert e.metadata == {"user_id": 42, "ratio": 0.5, "vip": True, "note": None, "name": "Zoë"}
+    assert e.priority == 10 and e.delay == 30 and e.idempotency_key == "order-42"
+    assert len(e.recipients()) == 3
+
+
+def test_exactly_max_recipients_is_fine() -> None:
+    to = [f"u{i}@example.com" for i in range(MAX_RECIPIENTS - 2)]
+    e = parse_email(mail(to=to, cc="c@example.com", bcc="b@example.com"))
+    assert len(e.recipients()) == MAX_RECIPIENTS
+
+
+def test_size_limit_is_inclusive_and_counts_attachments_as_base64() -> None:
+    e = parse_email(mail(text="x" * 100, subject="s"))
+    assert e.size() == 101
+    assert parse_email(mail(text="x" * 100, subject="s"), max_bytes=101) == e
+    with_file = parse_email(mail(attachments=[{"filename": "f.bin", "content": b"\x00" * 300}]))
+    assert with_file.size() == len(b"Hello") + len(b"Hello there") + 400
+    with pytest.raises(EmailValidationError):
+        parse_email(mail(attachments=[{"filename": "f.bin", "content": b"\x00" * 300}]), max_bytes=415)
+
+
+# --- attachments -----------------------------------------------------------------------
+
+
+def test_json_attachment_base64_decodes_to_bytes() -> None:
+    raw = bytes(range(256)) * 3
+    doc = mail(
+        attachments=[
+            {
+                "filename": "räport.pdf",
+                "content_type": "application/pdf",
+                "content": base64.b64encode(raw).decode(),
+            }
+        ]
+    )
+    for source in (json.dumps(doc), json.dumps(doc).encode(), doc):
+        e = parse_email(source)
+        assert e.attachments[0].content == raw
+        assert e.attachments[0].filename == "räport.pdf"
+        assert e.attachments[0].content_type == "application/pdf"
+
+
+def test_python_attachment_bytes_kept_as_is() -> None:
+    raw = b"\x00\xff\r\n"
+    e = parse_email(mail(attachments=[{"filename": "a.bin", "content": raw}]))
+    assert e.attachments[0].content == raw
+    assert e.attachments[0].content_type == "application/octet-stream"
+
+
+def test_model_json_round_trips() -> None:
+    # A mail's own JSON (pydantic writes bytes as URL-safe base64) must parse back equal.
+    raw = bytes(range(256))
+    e = parse_email(
+        mail(
+            attachments=[{"filename": "a.bin", "content": raw}],
+            send_at=dt.datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC),
+            metadata={"k": 1},
+        )
+    )
+    again = parse_email(e.model_dump_json())
+    assert again == e
+    assert again.attachments[0].content == raw
+    assert parse_email(e.model_dump_json(by_alias=True)) == e
+
+
+# --- invalid input, table-driven -------------------------------------------------------
+
+INVALID: list[tuple[str, Any, str, str]] = [
+    # (case id, input, field named in errors, text in the message)
+    ("bad-address", mail(to="not-an-address"), "to[0]", "not-an-address"),
+    # The lenient address parser would join this into a@example.com: another recipient.
+    ("split-domain", mail(to="a@exa mple.com"), "to[0]", "not one e-mail address"),
+    ("split-domain-named", mail(to="A <a@mail example.com>"), "to[0]", ""),
+    ("no-at", mail(to="a.example.com"), "to[0]", ""),
+    ("bad-from", mail(**{"from": "nobody"}), "from", ""),
+    ("two-in-one", mail(to="a@example.com, b@example.com"), "to[0]", "not one e-mail address"),
+    ("two-in-one-list", mail(to=["ok@example.com", "a@example.com; b@example.com"]), "to[1]", ""),
+    ("bad-cc", mail(cc=["good@example.com", "bad@"]), "cc[1]", ""),
+    ("bad-reply-to", mail(reply_to="x@@example.com"), "reply_to[0]", ""),
+    ("no-to", mail(to=...), "to", ""),
+    ("empty-to", mail(to=[]), "to", ""),
+    ("no-from", mail(**{"from": ...}), "from", ""),
+    ("no-body", mail(text=...), "text", "body"),
+    ("empty-body", mail(text="", html=""), "text", "body"),
+    ("crlf-subject", mail(subject="Hi\r\nBcc: victim@example.com"), "subject", "CR or LF"),
+    ("lf-subject", mail(subject="Hi\nthere"), "subject", "CR or LF"),
+    ("crlf-header", mail(headers={"X-Note": "a\r\nBcc: victim@example.com"}), "headers", "CR or LF"),
+    ("crlf-name", mail(to={"email": "a@example.com", "name": "A\r\nBcc: v@example.com"}), "to[0].name", "CR"),
+    ("crlf-name-str", mail(to="A\r\nB <a@example.com>"), "to[0]", "CR or LF"),
+    ("crlf-from", mail(**{"from": "a@example.com\r\nBcc: v@example.com"}), "from", "CR or LF"),
+    (
+        "crlf-filename",
+        mail(attachments=[{"filename": "a\r\nb.txt", "content": b"x"}]),
+        "attachments[0].filename",
+        "CR or LF",
+    ),
+    (
+        "slash-filename",
+        mail(attachments=[{"filename": "../etc/passwd", "content": b"x"}]),
+        "attachments[0].filename",
+        "",
+    ),
+    ("empty-filename", mail(attachments=[{"filename": "", "content": b"x"}]), "attachments[0].filename", ""),
+    ("reserved-bcc", mail(headers={"Bcc": "v@example.com"}), "headers", "set by mailer"),
+    ("reserved-case", mail(headers={"REPLY-TO": "v@example.com"}), "headers", "set by mailer"),
+    ("header-name", mail(headers={"Bad Name": "v"}), "headers", "not a valid field name"),
+    ("header-colon", mail(headers={"X-A:": "v"}), "headers", "not a valid field name"),
+    ("oversize", mail(text="x" * 5000), "(mail)", "limit is 1024 bytes"),
+    ("oversize-attachment", mail(attachments=[{"filename": "a", "content": b"x" * 1000}]), "(mail)", "limit"),
+    ("51-recipients", mail(to=[f"u{i}@example.com" for i in range(51)]), "to", "51 recipients"),
+    (
+        "51-over-to-cc-bcc",
+        mail(to=[f"u{i}@example.com" for i in range(40)], cc=[f"c{i}@example.com" for i in range(11)]),
+        "to",
+        "51 recipients",
+    ),
+    ("subject-int", mail(subject=12), "subject", "valid string"),
+    ("subject-empty", mail(subject=""), "subject", ""),
+    ("no-subject", mail(subject=...), "subject", ""),
+    ("to-int", mail(to=123), "to", "valid list"),
+    ("text-list", mail(text=["a"]), "text", "valid string"),
+    ("priority-str", mail(priority="high"), "priority", "valid integer"),
+    ("priority-neg", mail(priority=-1), "priority", ""),
+    ("priority-huge", mail(priority=2**32), "priority", ""),
+    ("delay-neg", mail(delay=-5), "delay", ""),
+    ("headers-list", mail(headers=["X-A: b"]), "headers", ""),
+    ("header-value-int", mail(headers={"X-A": 5}), "headers.X-A", "valid string"),
+    ("unknown-field", mail(sender="x@example.com"), "sender", "unknown field"),
+    (
+        "unknown-address-field",
+        mail(to={"email": "a@example.com", "nick": "A"}),
+        "to[0].nick",
+        "unknown field",
+    ),
+    (
+        "unknown-attachment-field",
+        mail(attachments=[{"filename": "a", "content": b"", "x": 1}]),
+        "attachments[0].x",
+        "",
+    ),
+    ("metadata-nested", mail(metadata={"a": {"b": 1}}), "metadata", "must be a string"),
+    ("metadata-list", mail(metadata={"a": [1, 2]}), "metadata", "must be a string"),
+    ("metadata-key", mail(metadata={"$where": "x"}), "metadata", "metadata key"),
+    ("metadata-dotted-key", mail(metadata={"a.b": "x"}), "metadata", "metadata key"),
+    ("metadata-not-dict", mail(metadata="x"), "metadata", ""),
+    ("bad-tag", mail(tags=["ok", "not ok!"]), "tags", "tag"),
+    ("too-many-tags", mail(tags=[f"t{i}" for i in range(11)]), "tags", ""),
+    ("naive-send-at", mail(send_at=dt.datetime(2031, 1, 1, 9, 0)), "send_at", "timezone"),
+    ("naive-send-at-str", mail(send_at="2031-01-01T09:00:00"), "send_at", "timezone"),
+    ("bad-send-at", mail(send_at="next tuesday"), "send_at", ""),
+    ("send-at-and-delay", mail(send_at="2031-01-01T09:00:00Z", delay=5), "delay", "not both"),
+    (
+        "bad-base64",
+        mail(attachments=[{"filename": "a", "content": "not base64!"}]),
+        "attachments[0].content",
+        "base64",
+    ),
+    (
+        "bad-content-type",
+        mail(attachments=[{"filename": "a", "content": b"", "content_type": "pdf"}]),
+        "",
+        "",
+    ),
+    ("empty-idempotency-key", mail(idempotency_key=""), "idempotency_key", ""),
+    ("control-idempotency-key", mail(idempotency_key="a\nb"), "idempotency_key", "printable"),
+    ("not-a-mapping", [mail()], "(mail)", "mapping"),
+    ("bad-json", '{"from": ', "(mail)", "JSON"),
+]
+
+
+def under(name: str, field: str) -> bool:
+    """``name`` is ``field`` or one of its parts (``to[0].email`` is under ``to[0]``)."""
+    return name == field or name.startswith((field + ".", field + "["))
+
+
+@pytest.mark.parametrize(("data", "field", "text"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_input_names_the_field(data: Any, field: str, text: str) -> None:
+    with pytest.raises(EmailValidationError) as info:
+        parse_email(data, max_bytes=1024)
+    err = info.value
+    assert err.errors, "errors must not be empty"
+    named = [(f, msg) for f, msg in err.errors if under(f, field or "attachments[0]")]
+    assert named, f"{field!r} not named in {err.errors}"
+    if text:
+        assert any(text in msg for _, msg in named), err.errors
+    assert "nothing was stored or queued" in str(err)
+    assert isinstance(err, ValueError)
+
+
+def test_invalid_cases_are_many_and_distinct() -> None:
+    ids = [c[0] for c in INVALID]
+    assert len(ids) >= 25 and len(set(ids)) == len(ids)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    with pytest.raises(EmailValidationError) as info:
+        parse_email(mail(to="bad", subject="a\nb", priority="x"))
+    for field in ("to[0]", "subject", "priority"):
+        assert any(under(f, field) for f, _ in info.value.errors), info.value.errors
+
+
+def test_no_pydantic_error_escapes() -> None:
+    for data in (None, 42, b"\xff\xfe", "[]"):
+        with pytest.raises(EmailValidationError):
+            parse_email(data)  # type: ignore[arg-type]
+
+
+def test_default_size_limit_is_ten_megabytes() -> None:
+    big = "x" * (10 * 1024 * 1024 + 1)
+    with pytest.raises(EmailValidationError, match="limit is 10485760 bytes"):
+        parse_email(mail(text=big))
+
+
+def test_from_stored_skips_the_limits() -> None:
+    data = parse_email(mail(to=[f"u{i}@example.com" for i in range(60)]), max_recipients=100).model_dump()
+    assert len(Email.from_stored(data).to) == 60
+
+
+# --- delays ----------------------------------------------------------------------------
+
+
+def test_delay_seconds() -> None:
+    now = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_email(mail()).delay_seconds(now) == 0
+    assert parse_email(mail(delay=30)).delay_seconds(now) == 30
+    assert parse_email(mail(delay=0)).delay_seconds(now) == 0
+    assert parse_email(mail(delay=7.4)).delay_seconds(now) == 7
+    at = parse_email(mail(send_at="2030-01-01T12:01:00Z"))
+    assert at.delay_seconds(now) == 60
+    # A partial second rounds up: never send early.
+    assert parse_email(mail(send_at="2030-01-01T12:00:10.200Z")).delay_seconds(now) == 11
+    # Another zone: the same instant.
+    assert parse_email(mail(send_at="2030-01-01T14:00:30+02:00")).delay_seconds(now) == 30
+    # In the past: now.
+    assert parse_email(mail(send_at="2029-12-31T00:00:00Z")).delay_seconds(now) == 0
+
+
+def test_delay_seconds_defaults_to_the_clock() -> None:
+    soon = dt.datetime.now(UTC) + dt.timedelta(seconds=100)
+    d = parse_email(mail(send_at=soon)).delay_seconds()
+    assert 98 <= d <= 101
+
+
+def test_send_at_is_kept_to_the_millisecond() -> None:
+    # Stored as a BSON datetime (milliseconds): the model keeps exactly what reads back.
+    e = parse_email(mail(send_at=dt.datetime(2031, 1, 1, 9, 0, 0, 123456, tzinfo=UTC)))
+    assert e.send_at == dt.datetime(2031, 1, 1, 9, 0, 0, 123000, tzinfo=UTC)

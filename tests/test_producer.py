@@ -1,0 +1,459 @@
+"""The Producer SDK end to end: MongoDB first, then only the id on the tube."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from mailer.beanstalk import Beanstalk
+from mailer.config import Settings
+from mailer.errors import EmailValidationError, EnqueueError, MailNotFound, NotFound, ProducerClosedError
+from mailer.models import Status
+from mailer.producer import Producer
+from mailer.store import MailStore
+
+MakeSettings = Callable[..., Awaitable[Settings]]
+HEX24 = re.compile(r"^[0-9a-f]{24}$")
+
+
+def mail(i: int = 0, **changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "from": "Shop <shop@example.com>",
+        "to": f"customer{i}@example.com",
+        "subject": f"Order {i} — ünïcode",
+        "text": f"Thanks for order {i}",
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.fixture
+async def producer(settings: Settings) -> AsyncIterator[Producer]:
+    async with Producer(settings) as p:
+        yield p
+
+
+@pytest.fixture
+async def reader(settings: Settings) -> AsyncIterator[Beanstalk]:
+    b = settings.beanstalkd
+    async with Beanstalk(b.host, b.port) as bs:
+        await bs.use(b.tube)
+        await bs.watch(b.tube)
+        await bs.ignore("default")
+        yield bs
+
+
+async def tube_total(reader: Beanstalk, tube: str) -> int:
+    """Every job ever put on the tube (0 when the tube does not exist)."""
+    try:
+        return int((await reader.stats_tube(tube))["total-jobs"])
+    except NotFound:
+        return 0
+
+
+async def reserve_bodies(reader: Beanstalk, n: int) -> list[str]:
+    bodies = []
+    for _ in range(n):
+        job = await reader.reserve(timeout=2)
+        bodies.append(job.body.decode())
+        await reader.delete(job.id)
+    return bodies
+
+
+async def count_docs(settings: Settings) -> int:
+    async with MailStore(settings) as store:
+        return await store.mails.count_documents({})
+
+
+# --- the send path -------------------------------------------------------------------
+
+
+async def test_send_stores_queued_and_puts_the_id(
+    producer: Producer, reader: Beanstalk, settings: Settings
+) -> None:
+    mail_id = await producer.send(mail(1))
+    assert HEX24.match(mail_id)
+    doc = await producer.store.mails.find_one({"_id": ObjectId(mail_id)})
+    assert doc is not None and doc["status"] == "queued"
+    assert doc["mail"]["to"][0]["email"] == "customer1@example.com"
+    job = await reader.reserve(timeout=2)
+    assert job.body == mail_id.encode()  # only the id travels on the tube
+    stats = await reader.stats_job(job.id)
+    assert stats["pri"] == settings.producer.default_priority
+    assert stats["delay"] == 0 and stats["ttr"] == settings.beanstalkd.ttr_s
+    assert stats["tube"] == settings.beanstalkd.tube
+    assert await tube_total(reader, settings.beanstalkd.tube) == 1
+
+
+async def test_status_returns_the_record(producer: Producer) -> None:
+    mail_id = await producer.send(mail(2, cc=["cc@example.com"], metadata={"order": 2}))
+    record = await producer.status(mail_id)
+    assert record.id == mail_id
+    assert record.status is Status.QUEUED
+    assert record.email.subject == "Order 2 — ünïcode"
+    assert record.email.metadata == {"order": 2}
+    assert record.attempts == [] and record.vendor is None
+    assert record.created_at.tzinfo is not None
+    with pytest.raises(MailNotFound):
+        await producer.status(str(ObjectId()))
+
+
+async def test_send_accepts_model_json_and_from_underscore(producer: Producer, reader: Beanstalk) -> None:
+    import json
+
+    from mailer.models import parse_email
+
+    ids = [
+        await producer.send(parse_email(mail(1))),
+        await producer.send(json.dumps(mail(2))),
+        await producer.send({**{k: v for k, v in mail(3).items() if k != "from"}, "from_": "a@example.com"}),
+    ]
+    assert len(set(ids)) == 3
+    assert sorted(await reserve_bodies(reader, 3)) == sorted(ids)
+
+
+async def test_200_concurrent_sends(producer: Producer, reader: Beanstalk, settings: Settings) -> None:
+    ids = await asyncio.gather(*(producer.send(mail(i)) for i in range(200)))
+    assert len(set(ids)) == 200 and all(HEX24.match(i) for i in ids)
+    assert await producer.store.mails.count_documents({}) == 200
+    stored = {str(d["_id"]): d["mail"]["to"][0]["email"] async for d in producer.store.mails.find({})}
+    # Each caller got the id of its own mail.
+    for i, mail_id in enumerate(ids):
+        assert stored[mail_id] == f"customer{i}@example.com"
+    assert (await reader.stats_tube(settings.beanstalkd.tube))["current-jobs-ready"] == 200
+    assert sorted(await reserve_bodies(reader, 200)) == sorted(ids)
+
+
+async def test_send_many_1000(producer: Producer, reader: Beanstalk, settings: Settings) -> None:
+    mails = [mail(i) for i in range(1000)]
+    started = time.monotonic()
+    ids = await producer.send_many(mails)
+    assert time.monotonic() - started < 20
+    assert len(ids) == 1000 and len(set(ids)) == 1000
+    assert await producer.store.mails.count_documents({"status": {"$eq": "queued"}}) == 1000
+    # In input order.
+    first, last = await producer.status(ids[0]), await producer.status(ids[-1])
+    assert first.email.to[0].email == "customer0@example.com"
+    assert last.email.to[0].email == "customer999@example.com"
+    assert (await reader.stats_tube(settings.beanstalkd.tube))["current-jobs-ready"] == 1000
+    assert sorted(await reserve_bodies(reader, 1000)) == sorted(ids)
+    assert await producer.send_many([]) == []
+
+
+async def test_send_many_groups_priority_and_delay(producer: Producer, reader: Beanstalk) -> None:
+    ids = await producer.send_many([mail(0, priority=3), mail(1, delay=120), mail(2)])
+    delayed = await reader.peek_delayed()
+    assert delayed is not None and delayed.body == ids[1].encode()
+    s1 = await reader.stats_job(delayed.id)
+    assert (s1["pri"], s1["delay"]) == (1024, 120)
+    first, second = await reader.reserve(timeout=1), await reader.reserve(timeout=1)
+    assert (first.body, second.body) == (ids[0].encode(), ids[2].encode())
+    s0, s2 = await reader.stats_job(first.id), await reader.stats_job(second.id)
+    assert (s0["pri"], s0["delay"]) == (3, 0)
+    assert (s2["pri"], s2["delay"]) == (1024, 0)
+
+
+async def only_job(reader: Beanstalk, mail_id: str) -> dict[str, str | int | float]:
+    """Stats of the one job on the tube, which must carry ``mail_id``; then delete it."""
+    job = await reader.peek_ready() or await reader.peek_delayed()
+    assert job is not None and job.body == mail_id.encode()
+    stats = await reader.stats_job(job.id)
+    await reader.delete(job.id)
+    assert await reader.peek_ready() is None and await reader.peek_delayed() is None
+    return stats
+
+
+async def test_priority_and_delay_map_to_the_job(producer: Producer, reader: Beanstalk) -> None:
+    s_urgent = await only_job(reader, await producer.send(mail(1, priority=0)))
+    assert (s_urgent["pri"], s_urgent["delay"], s_urgent["state"]) == (0, 0, "ready")
+    later = await producer.send(mail(2, priority=4000, delay=90))
+    s_later = await only_job(reader, later)
+    assert (s_later["pri"], s_later["delay"], s_later["state"]) == (4000, 90, "delayed")
+    send_at = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=300)).isoformat()
+    s_at = await only_job(reader, await producer.send(mail(3, send_at=send_at)))
+    assert s_at["state"] == "delayed" and 295 <= int(s_at["delay"]) <= 301
+    stored = await producer.store.mails.find_one({"_id": ObjectId(later)})
+    assert stored is not None and stored["priority"] == 4000
+
+
+# --- idempotency ---------------------------------------------------------------------
+
+
+async def test_idempotent_resend(producer: Producer, reader: Beanstalk, settings: Settings) -> None:
+    first = await producer.send(mail(1, idempotency_key="order-1"))
+    again = await producer.send(mail(1, idempotency_key="order-1"))
+    changed = await producer.send(mail(99, idempotency_key="order-1"))  # same key wins
+    assert first == again == changed
+    assert await producer.store.mails.count_documents({}) == 1
+    assert await tube_total(reader, settings.beanstalkd.tube) == 1
+    assert (await producer.status(first)).email.to[0].email == "customer1@example.com"
+    # In a batch too: known keys return their ids, and a key repeated inside the batch once.
+    batch = await producer.send_many(
+        [
+            mail(2, idempotency_key="order-1"),
+            mail(3, idempotency_key="order-3"),
+            mail(4, idempotency_key="order-3"),
+        ]
+    )
+    assert batch[0] == first and batch[1] == batch[2] != first
+    assert await producer.store.mails.count_documents({}) == 2
+    assert await tube_total(reader, settings.beanstalkd.tube) == 2
+
+
+async def test_concurrent_idempotent_sends_store_one(
+    producer: Producer, reader: Beanstalk, settings: Settings
+) -> None:
+    ids = await asyncio.gather(*(producer.send(mail(i, idempotency_key="same")) for i in range(20)))
+    assert len(set(ids)) == 1
+    assert await producer.store.mails.count_documents({}) == 1
+    assert await tube_total(reader, settings.beanstalkd.tube) == 1
+
+
+# --- invalid input leaves nothing behind ---------------------------------------------
+
+INVALID = [
+    ("bad-address", mail(to="not an address"), "to"),
+    ("no-body", {k: v for k, v in mail().items() if k != "text"}, "text"),
+    ("crlf-subject", mail(subject="Hi\r\nBcc: victim@example.com"), "subject"),
+    ("oversize", mail(text="x" * 5000), "(mail)"),
+    ("wrong-type", mail(priority="urgent"), "priority"),
+    ("unknown-field", mail(colour="red"), "colour"),
+    ("header-injection", mail(headers={"X-A": "b\nBcc: v@example.com"}), "headers"),
+    ("reserved-header", mail(headers={"Bcc": "v@example.com"}), "headers"),
+]
+
+
+@pytest.mark.parametrize(("data", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+async def test_invalid_mail_leaves_no_document_and_no_job(
+    make_settings: MakeSettings, data: dict[str, Any], field: str
+) -> None:
+    settings = await make_settings()
+    small = settings.model_copy(
+        update={"producer": settings.producer.model_copy(update={"max_email_bytes": 2048})}
+    )
+    async with Producer(small) as producer:
+        with pytest.raises(EmailValidationError) as info:
+            await producer.send(data)
+        assert any(f == field or f.startswith(field) for f, _ in info.value.errors), info.value.errors
+        assert await producer.store.mails.count_documents({}) == 0
+        assert await tube_total(producer.queue, settings.beanstalkd.tube) == 0
+
+
+async def test_send_many_with_one_invalid_stores_nothing(
+    producer: Producer, reader: Beanstalk, settings: Settings
+) -> None:
+    mails = [mail(i) for i in range(10)]
+    mails[3] = mail(3, to="broken@")
+    mails[7] = mail(7, subject="a\nb")
+    with pytest.raises(EmailValidationError) as info:
+        await producer.send_many(mails)
+    fields = [f for f, _ in info.value.errors]
+    assert any(f.startswith("[3].to") for f in fields), fields
+    assert "[7].subject" in fields
+    assert await producer.store.mails.count_documents({}) == 0
+    assert await tube_total(reader, settings.beanstalkd.tube) == 0
+
+
+# --- lifecycle -----------------------------------------------------------------------
+
+
+async def test_use_before_connect_and_after_quit(settings: Settings) -> None:
+    p = Producer(settings)
+    for call in (lambda: p.send(mail()), lambda: p.send_many([mail()]), lambda: p.status(str(ObjectId()))):
+        with pytest.raises(ProducerClosedError, match="connect"):
+            await call()
+    await p.connect()
+    await p.connect()  # twice is fine
+    assert HEX24.match(await p.send(mail()))
+    await p.quit()
+    await p.quit()  # twice is fine
+    with pytest.raises(ProducerClosedError):
+        await p.send(mail())
+    assert await count_docs(settings) == 1
+
+
+def test_test_flag_switches_tube_and_collection(base_settings: Settings) -> None:
+    p = Producer(base_settings, test=True)
+    assert p.settings.beanstalkd.tube == base_settings.test.tube
+    assert p.settings.mongodb.collection == base_settings.test.collection
+
+
+async def test_producer_on_unreachable_mongodb_fails_connect(settings: Settings) -> None:
+    from pydantic import SecretStr
+
+    from mailer.errors import StoreError
+
+    mongo = settings.mongodb.model_copy(
+        update={"uri": SecretStr("mongodb://127.0.0.1:1/x"), "timeout_ms": 300}
+    )
+    p = Producer(settings.model_copy(update={"mongodb": mongo}))
+    with pytest.raises(StoreError):
+        await p.connect()
+    with pytest.raises(ProducerClosedError):
+        await p.send(mail())
+
+
+# --- beanstalkd down at send time ----------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OwnBeanstalkd:
+    def __init__(self, binlog: Path) -> None:
+        self.binlog = binlog
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("beanstalkd")
+        if exe is None:
+            pytest.skip("beanstalkd is not installed")
+        self.proc = subprocess.Popen(
+            [exe, "-l", "127.0.0.1", "-p", str(self.port), "-b", str(self.binlog)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"beanstalkd on port {self.port} exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"beanstalkd on port {self.port} did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture
+def own_beanstalkd(tmp_path: Path) -> Iterator[OwnBeanstalkd]:
+    server = OwnBeanstalkd(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def pointed_at(settings: Settings, port: int, **beanstalkd: Any) -> Settings:
+    b = settings.beanstalkd.model_copy(update={"port": port, "connect_timeout_s": 1.0, **beanstalkd})
+    return settings.model_copy(update={"beanstalkd": b})
+
+
+async def test_beanstalkd_down_at_send_time(settings: Settings, own_beanstalkd: OwnBeanstalkd) -> None:
+    async with Producer(pointed_at(settings, own_beanstalkd.port)) as producer:
+        ok = await producer.send(mail(0))
+        own_beanstalkd.kill()
+        started = time.monotonic()
+        with pytest.raises(EnqueueError) as info:
+            await producer.send(mail(1))
+        assert time.monotonic() - started < 5
+        err = info.value
+        assert len(err.mail_ids) == 1 and HEX24.match(err.mail_ids[0]) and err.mail_ids[0] != ok
+        assert err.mail_ids[0] in str(err)
+        assert "beanstalkd" in str(err) and "queued" in str(err)
+        # The mail is not lost: stored, queued, for the requeue sweep.
+        record = await producer.status(err.mail_ids[0])
+        assert record.status is Status.QUEUED
+        assert record.email.to[0].email == "customer1@example.com"
+        # A batch: every id named, every document queued.
+        with pytest.raises(EnqueueError) as batch_info:
+            await producer.send_many([mail(2), mail(3), mail(4)])
+        assert len(batch_info.value.mail_ids) == 3
+        for mail_id in batch_info.value.mail_ids:
+            assert (await producer.status(mail_id)).status is Status.QUEUED
+        assert await producer.store.mails.count_documents({"status": {"$eq": "queued"}}) == 5
+
+
+async def test_send_reconnects_after_a_beanstalkd_restart(
+    settings: Settings, own_beanstalkd: OwnBeanstalkd
+) -> None:
+    s = pointed_at(settings, own_beanstalkd.port)
+    async with Producer(s) as producer:
+        before = await producer.send(mail(0))
+        own_beanstalkd.kill()
+        own_beanstalkd.start()  # same port and binlog
+        after = await producer.send(mail(1))  # reconnects once, restores `use`
+        batch = await producer.send_many([mail(2), mail(3)])
+    async with Beanstalk("127.0.0.1", own_beanstalkd.port) as bs:
+        await bs.watch(s.beanstalkd.tube)
+        await bs.ignore("default")
+        assert sorted(await reserve_bodies(bs, 4)) == sorted([before, after, *batch])
+
+
+async def test_send_never_hangs_on_a_silent_server(settings: Settings) -> None:
+    """A server that answers `use` but never a put: the send fails within the timeouts."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                if line.startswith(b"use "):
+                    writer.write(b"USING " + line[4:])
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Producer(pointed_at(settings, port, command_timeout_s=0.3)) as producer:
+            started = time.monotonic()
+            with pytest.raises(EnqueueError) as info:
+                await producer.send(mail(1))
+            assert time.monotonic() - started < 3
+            assert "did not answer" in str(info.value)
+            assert (await producer.status(info.value.mail_ids[0])).status is Status.QUEUED
+    finally:
+        server.close()
+
+
+# --- throughput lines ----------------------------------------------------------------
+
+
+async def test_throughput_lines(make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = await make_settings(measure_throughput=True, throughput_interval_s=0.2)
+    pattern = re.compile(r"^Producer PID:\d+ Throughput: ([\d.]+) ops / second$")
+    lines: list[str] = []
+    async with Producer(settings) as producer:
+        await producer.send_many([mail(i) for i in range(20)])
+        deadline = time.monotonic() + 3
+        # Until the interval that counted the 20 mails has been printed.
+        while time.monotonic() < deadline and not any(
+            float(m[1]) > 0 for m in map(pattern.match, lines) if m
+        ):
+            await asyncio.sleep(0.1)
+            lines += [ln for ln in capsys.readouterr().out.splitlines() if "Throughput" in ln]
+    assert lines, "no throughput line within 3 s"
+    assert all(pattern.match(ln) for ln in lines), lines
+    assert all(f"PID:{os.getpid()} " in ln for ln in lines)
+    rates = [float(m[1]) for m in map(pattern.match, lines) if m]
+    assert any(r > 0 for r in rates), lines  # the 20 mails were counted
+    # Stopped with the producer: no more lines.
+    await asyncio.sleep(0.3)
+    assert "Producer PID:" not in capsys.readouterr().out
+
+
+async def test_no_throughput_lines_by_default(producer: Producer, capsys: pytest.CaptureFixture[str]) -> None:
+    await producer.send(mail())
+    await asyncio.sleep(0.1)
+    assert "Throughput" not in capsys.readouterr().out

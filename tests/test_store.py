@@ -1,0 +1,440 @@
+"""MongoDB store round trips on nx-27017 (and real MongoDB): what is stored reads back equal."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from pydantic import SecretStr
+
+from mailer.config import Settings
+from mailer.errors import MailNotFound, StoreError
+from mailer.models import Attempt, Email, Status, parse_email
+from mailer.store import ClaimState, Finish, MailStore, attempt_doc, parse_mail_id, to_record
+
+MakeSettings = Callable[..., Awaitable[Settings]]
+UTC = dt.UTC
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[MailStore]:
+    async with MailStore(settings) as s:
+        yield s
+
+
+def rich_mail(**changes: Any) -> Email:
+    data: dict[str, Any] = {
+        "from": "Jörg Müller <joerg@bücher.de>",
+        "to": ["Ann Ötzi <ann@example.com>", "δοκιμή@παράδειγμα.δοκιμή"],
+        "cc": {"email": "cc@example.com", "name": "Çé"},
+        "bcc": ["bcc@example.com"],
+        "reply_to": "Support <support@example.com>",
+        "subject": "Grüße 🎉 — 你好",
+        "text": "plain ü",
+        "html": "<p>html ü</p>",
+        "headers": {"X-Campaign": "spring-ü", "List-Unsubscribe": "<mailto:u@example.com>"},
+        "tags": ["welcome", "t-2"],
+        "metadata": {"user_id": 42, "ratio": 0.25, "vip": True, "note": None, "name": "Zoë", "big": 2**40},
+        "attachments": [
+            {"filename": "räport.pdf", "content_type": "application/pdf", "content": bytes(range(256))},
+            {"filename": "empty.txt", "content_type": "text/plain", "content": b""},
+        ],
+        "priority": 12,
+        "send_at": dt.datetime(2031, 2, 3, 4, 5, 6, 789123, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        "idempotency_key": None,
+    }
+    data.update(changes)
+    return parse_email({k: v for k, v in data.items() if v is not None})
+
+
+def simple_mail(i: int = 0, **changes: Any) -> Email:
+    return parse_email(
+        {"from": "a@example.com", "to": f"r{i}@example.com", "subject": f"s{i}", "text": "t", **changes}
+    )
+
+
+async def insert(store: MailStore, email: Email, priority: int = 1024) -> str:
+    mail_id, new = await store.insert(MailStore.new_document(email, priority=priority))
+    assert new
+    return mail_id
+
+
+def attempt(vendor: str, outcome: str, **kw: Any) -> Attempt:
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    return Attempt(
+        vendor=vendor,
+        started_at=now - dt.timedelta(seconds=2),
+        finished_at=now,
+        outcome=outcome,  # type: ignore[arg-type]
+        **kw,
+    )
+
+
+# --- round trips ---------------------------------------------------------------------
+
+
+async def test_rich_mail_round_trips_equal(store: MailStore) -> None:
+    email = rich_mail(idempotency_key="rt-1")
+    before = dt.datetime.now(UTC)
+    mail_id = await insert(store, email, priority=12)
+    assert len(mail_id) == 24 and int(mail_id, 16) >= 0
+    record = await store.get(mail_id)
+    assert record.email == email
+    assert record.email.attachments[0].content == bytes(range(256))
+    assert record.email.cc[0].name == "Çé"
+    assert record.email.send_at == email.send_at
+    assert record.email.metadata == email.metadata
+    assert record.id == mail_id
+    assert record.status is Status.QUEUED
+    assert record.idempotency_key == "rt-1"
+    assert record.attempts == [] and record.rounds == 0 and record.job_id is None
+    assert record.vendor is None and record.sent_at is None
+    for stamp in (record.created_at, record.updated_at):
+        assert isinstance(stamp, dt.datetime) and stamp.tzinfo is not None
+        assert abs((stamp - before).total_seconds()) < 10
+    raw = await store.mails.find_one({"_id": ObjectId(mail_id)})
+    assert raw is not None
+    assert raw["priority"] == 12
+    assert isinstance(raw["mail"]["to"], list) and isinstance(raw["mail"]["to"][0], dict)
+    assert isinstance(raw["mail"]["attachments"][0]["content"], bytes)
+    assert isinstance(raw["mail"]["send_at"], dt.datetime)
+
+
+async def test_minimal_mail_round_trips_and_has_no_key(store: MailStore) -> None:
+    email = simple_mail()
+    mail_id = await insert(store, email)
+    assert (await store.get(mail_id)).email == email
+    raw = await store.mails.find_one({"_id": ObjectId(mail_id)})
+    assert raw is not None and "idempotency_key" not in raw  # sparse index: absent, not null
+
+
+async def test_next_attempt_ts_follows_the_delay(store: MailStore) -> None:
+    now = time.time()
+    doc = MailStore.new_document(simple_mail(delay=600), priority=1)
+    assert doc["next_attempt_ts"] == pytest.approx(now + 600, abs=5)
+    doc = MailStore.new_document(simple_mail(), priority=1)
+    assert doc["next_attempt_ts"] == pytest.approx(now, abs=5)
+
+
+async def test_get_unknown_or_malformed_id(store: MailStore) -> None:
+    with pytest.raises(MailNotFound, match="no mail with id"):
+        await store.get(str(ObjectId()))
+    with pytest.raises(MailNotFound):
+        await store.get("not-an-id")
+    assert isinstance(MailNotFound("x"), StoreError)
+
+
+def test_parse_mail_id() -> None:
+    oid = ObjectId()
+    assert parse_mail_id(str(oid)) == oid
+    assert parse_mail_id(str(oid).encode()) == oid
+    assert parse_mail_id(f" {oid}\r\n".encode()) == oid
+    for bad in ("", "xyz", "z" * 24, str(oid) + "0", b"\xff" * 24):
+        assert parse_mail_id(bad) is None
+
+
+async def test_delete(store: MailStore) -> None:
+    mail_id = await insert(store, simple_mail())
+    assert await store.delete(mail_id) is True
+    assert await store.delete(mail_id) is False
+    assert await store.delete("junk") is False
+
+
+# --- claim and finish ----------------------------------------------------------------
+
+
+async def test_claim_then_finish_reads_back_typed(store: MailStore) -> None:
+    email = rich_mail()
+    mail_id = await insert(store, email)
+    oid = ObjectId(mail_id)
+    created = (await store.get(mail_id)).created_at
+    claim = await store.claim(oid, job_id=77, consumer="c1", lease_s=60)
+    assert claim.state is ClaimState.CLAIMED
+    assert claim.doc is not None
+    assert claim.doc["status"] == "sending" and claim.doc["job_id"] == 77 and claim.doc["rounds"] == 1
+    assert claim.doc["attempts"] == []
+    assert claim.email == email
+    assert isinstance(claim.doc["updated_at"], dt.datetime)
+
+    failed = attempt("mailgun", "transient", error="503 from mailgun", job_id=77, consumer="c1")
+    sent = attempt("sparkpost", "sent", message_id="sp-123", job_id=77, consumer="c1")
+    await store.finish_many(
+        [
+            Finish(
+                mail_id,
+                Status.SENT,
+                [*claim.doc["attempts"], attempt_doc(failed), attempt_doc(sent)],
+                vendor="sparkpost",
+                message_id="sp-123",
+            )
+        ]
+    )
+
+    raw = await store.mails.find_one({"_id": oid})
+    assert raw is not None
+    # The quirks this catches: attempts must be sub-documents, not JSON strings, and the
+    # datetimes inside them and on the mail must be datetimes, not strings.
+    assert isinstance(raw["attempts"], list) and len(raw["attempts"]) == 2
+    for a in raw["attempts"]:
+        assert isinstance(a, dict), f"attempt stored as {type(a).__name__}: {a!r}"
+        assert isinstance(a["started_at"], dt.datetime) and isinstance(a["finished_at"], dt.datetime)
+    assert isinstance(raw["updated_at"], dt.datetime), repr(raw["updated_at"])
+    assert isinstance(raw["sent_at"], dt.datetime), repr(raw["sent_at"])
+
+    record = await store.get(mail_id)
+    assert record.status is Status.SENT
+    assert record.vendor == "sparkpost" and record.message_id == "sp-123"
+    assert record.job_id == 77 and record.rounds == 1 and record.error is None
+    assert record.attempts == [failed, sent]
+    assert record.attempts[0].error == "503 from mailgun"
+    assert record.attempts[1].started_at == sent.started_at
+    assert record.attempts[1].finished_at.tzinfo is not None
+    assert (
+        record.updated_at.tzinfo is not None
+        and record.sent_at is not None
+        and record.sent_at.tzinfo is not None
+    )
+    assert record.updated_at >= created
+    assert abs((record.sent_at - dt.datetime.now(UTC)).total_seconds()) < 30
+    assert record.email == email
+
+
+async def test_finish_many_writes_every_mail_and_keeps_earlier_attempts(store: MailStore) -> None:
+    ids = [await insert(store, simple_mail(i)) for i in range(5)]
+    first = attempt("amazon", "transient", error="throttled")
+    finishes = []
+    for mail_id in ids:
+        claim = await store.claim(ObjectId(mail_id), job_id=1, consumer="c", lease_s=60)
+        assert claim.state is ClaimState.CLAIMED
+        finishes.append(
+            Finish(mail_id, Status.RETRYING, [attempt_doc(first)], error="throttled", next_attempt_ts=5.0)
+        )
+    await store.finish_many(finishes)
+    for mail_id in ids:
+        r = await store.get(mail_id)
+        assert r.status is Status.RETRYING and r.error == "throttled" and r.attempts == [first]
+        assert r.vendor is None and r.sent_at is None
+    # Round two: the claim hands back the stored attempts, as dicts, to extend.
+    claim = await store.claim(ObjectId(ids[0]), job_id=2, consumer="c", lease_s=60)
+    assert claim.state is ClaimState.CLAIMED and claim.doc is not None
+    assert claim.doc["rounds"] == 2
+    assert [Attempt.model_validate(a) for a in claim.doc["attempts"]] == [first]
+    second = attempt("mailgun", "permanent", error="bad recipient")
+    await store.finish_many(
+        [Finish(ids[0], Status.FAILED, [*claim.doc["attempts"], attempt_doc(second)], error="bad recipient")]
+    )
+    r = await store.get(ids[0])
+    assert r.status is Status.FAILED and r.attempts == [first, second] and r.error == "bad recipient"
+    await store.finish_many([])  # nothing to do, no error
+
+
+async def test_claim_semantics(store: MailStore) -> None:
+    mail_id = await insert(store, simple_mail())
+    oid = ObjectId(mail_id)
+    assert (await store.claim(oid, job_id=1, consumer="a", lease_s=300)).state is ClaimState.CLAIMED
+    # A second claim while the lease runs: BUSY (a twin job).
+    busy = await store.claim(oid, job_id=2, consumer="b", lease_s=300)
+    assert busy.state is ClaimState.BUSY
+    assert busy.doc is not None and busy.doc["status"] == "sending"
+    raw = await store.mails.find_one({"_id": oid})
+    assert raw is not None and raw["consumer"] == "a" and raw["job_id"] == 1 and raw["rounds"] == 1
+
+    # An unknown id: MISSING (a poison job).
+    assert (await store.claim(ObjectId(), job_id=3, consumer="a", lease_s=300)).state is ClaimState.MISSING
+
+    # Sent: DONE (a redelivery), nothing changes.
+    await store.finish_many([Finish(mail_id, Status.SENT, [], vendor="x", message_id="m")])
+    done = await store.claim(oid, job_id=4, consumer="c", lease_s=300)
+    assert done.state is ClaimState.DONE
+    after = await store.get(mail_id)
+    assert after.status is Status.SENT and after.job_id == 1 and after.rounds == 1
+
+
+async def test_failed_mail_is_done(store: MailStore) -> None:
+    mail_id = await insert(store, simple_mail())
+    await store.claim(ObjectId(mail_id), job_id=1, consumer="a", lease_s=60)
+    await store.finish_many([Finish(mail_id, Status.FAILED, [], error="nope")])
+    assert (await store.claim(ObjectId(mail_id), job_id=2, consumer="a", lease_s=60)).state is ClaimState.DONE
+
+
+async def test_expired_lease_is_claimable_again(store: MailStore) -> None:
+    mail_id = await insert(store, simple_mail())
+    oid = ObjectId(mail_id)
+    # A consumer whose lease is already over (it died).
+    assert (await store.claim(oid, job_id=1, consumer="dead", lease_s=-1)).state is ClaimState.CLAIMED
+    taken = await store.claim(oid, job_id=2, consumer="alive", lease_s=300)
+    assert taken.state is ClaimState.CLAIMED
+    assert taken.doc is not None
+    assert taken.doc["consumer"] == "alive" and taken.doc["job_id"] == 2 and taken.doc["rounds"] == 2
+    assert taken.doc["lease_until"] > time.time() + 200
+
+
+async def test_retrying_mail_is_claimable(store: MailStore) -> None:
+    mail_id = await insert(store, simple_mail())
+    await store.claim(ObjectId(mail_id), job_id=1, consumer="a", lease_s=60)
+    await store.finish_many([Finish(mail_id, Status.RETRYING, [], next_attempt_ts=1.0)])
+    assert (
+        await store.claim(ObjectId(mail_id), job_id=2, consumer="b", lease_s=60)
+    ).state is ClaimState.CLAIMED
+
+
+async def test_release_claim_and_extend_lease(store: MailStore) -> None:
+    mail_id = await insert(store, simple_mail())
+    oid = ObjectId(mail_id)
+    await store.claim(oid, job_id=1, consumer="a", lease_s=1)
+    await store.extend_lease(oid, "a", 500)
+    raw = await store.mails.find_one({"_id": oid})
+    assert raw is not None and raw["lease_until"] > time.time() + 400
+    await store.extend_lease(oid, "someone-else", 1)  # not theirs: no effect
+    raw = await store.mails.find_one({"_id": oid})
+    assert raw is not None and raw["lease_until"] > time.time() + 400
+    await store.release_claim(oid)
+    r = await store.get(mail_id)
+    assert r.status is Status.QUEUED and isinstance(r.updated_at, dt.datetime)
+    assert (await store.claim(oid, job_id=2, consumer="b", lease_s=60)).state is ClaimState.CLAIMED
+
+
+async def test_concurrent_claims_one_winner(store: MailStore) -> None:
+    mail_id = await insert(store, simple_mail())
+    oid = ObjectId(mail_id)
+    claims = await asyncio.gather(
+        *(store.claim(oid, job_id=i, consumer=f"c{i}", lease_s=60) for i in range(20))
+    )
+    states = [c.state for c in claims]
+    assert states.count(ClaimState.CLAIMED) == 1
+    assert states.count(ClaimState.BUSY) == 19
+
+
+# --- idempotency index ---------------------------------------------------------------
+
+
+async def test_idempotency_key_returns_the_existing_id(store: MailStore) -> None:
+    first = await insert(store, simple_mail(1, idempotency_key="order-7"))
+    mail_id, new = await store.insert(
+        MailStore.new_document(simple_mail(2, idempotency_key="order-7"), priority=1)
+    )
+    assert (mail_id, new) == (first, False)
+    assert await store.mails.count_documents({"idempotency_key": {"$eq": "order-7"}}) == 1
+    # The stored mail is the first one.
+    assert (await store.get(first)).email.to[0].email == "r1@example.com"
+
+
+async def test_many_mails_without_key_do_not_collide(store: MailStore) -> None:
+    ids = [await insert(store, simple_mail(i)) for i in range(5)]
+    results = await store.insert_many([MailStore.new_document(simple_mail(i), priority=1) for i in range(20)])
+    assert all(new for _, new in results)
+    assert len({*ids, *(i for i, _ in results)}) == 25
+    assert await store.mails.count_documents({}) == 25
+
+
+async def test_insert_many_with_known_and_repeated_keys(store: MailStore) -> None:
+    known = await insert(store, simple_mail(0, idempotency_key="k-known"))
+    docs = [
+        MailStore.new_document(simple_mail(1), priority=1),
+        MailStore.new_document(simple_mail(2, idempotency_key="k-known"), priority=1),
+        MailStore.new_document(simple_mail(3, idempotency_key="k-new"), priority=1),
+        MailStore.new_document(simple_mail(4, idempotency_key="k-new"), priority=1),
+        MailStore.new_document(simple_mail(5), priority=1),
+    ]
+    results = await store.insert_many(docs)
+    assert [new for _, new in results] == [True, False, True, False, True]
+    assert results[1][0] == known
+    assert results[3][0] == results[2][0]
+    assert await store.mails.count_documents({}) == 4
+    assert await store.insert_many([]) == []
+
+
+async def test_indexes_exist(store: MailStore) -> None:
+    info = await store.mails.index_information()
+    key_index = [v for v in info.values() if v["key"] == [("idempotency_key", 1)]]
+    assert key_index and key_index[0].get("unique") is True
+    status = await store.mails.database.command("serverStatus")
+    if status.get("process") != "nx_27017":  # nx-27017 does not list the sparse flag
+        assert key_index[0].get("sparse") is True
+    assert any(v["key"] == [("status", 1)] for v in info.values())
+    await store.ensure_indexes()  # again: harmless
+
+
+# --- vendor marks and counts ---------------------------------------------------------
+
+
+async def test_vendor_marks_keep_the_later_time(store: MailStore) -> None:
+    assert await store.vendor_marks() == {}
+    now = time.time()
+    await store.mark_vendor("mailgun", now + 100, "503")
+    await store.mark_vendor("mailgun", now + 50, "timeout")  # earlier: the until stays
+    await store.mark_vendor("amazon", now + 10, "throttled")
+    marks = await store.vendor_marks()
+    assert marks["mailgun"][0] == pytest.approx(now + 100)
+    assert marks["mailgun"][1] == "timeout"
+    assert marks["amazon"] == (pytest.approx(now + 10), "throttled")
+    await store.mark_vendor("mailgun", now + 300, "x" * 900)
+    marks = await store.vendor_marks()
+    assert marks["mailgun"][0] == pytest.approx(now + 300)
+    assert len(marks["mailgun"][1]) == 500
+    await store.clear_vendor("mailgun")
+    await store.clear_vendor("sparkpost")  # never marked: upserted as clear
+    marks = await store.vendor_marks()
+    assert marks["mailgun"] == (0.0, "")
+    assert marks["sparkpost"] == (0.0, "")
+    assert marks["amazon"][0] == pytest.approx(now + 10)
+
+
+async def test_status_counts(store: MailStore) -> None:
+    assert await store.status_counts() == {s.value: 0 for s in Status}
+    ids = [await insert(store, simple_mail(i)) for i in range(6)]
+    await store.claim(ObjectId(ids[0]), job_id=1, consumer="a", lease_s=60)
+    for mail_id, status in ((ids[1], Status.SENT), (ids[2], Status.SENT), (ids[3], Status.FAILED)):
+        await store.claim(ObjectId(mail_id), job_id=1, consumer="a", lease_s=60)
+        await store.finish_many([Finish(mail_id, status, [], vendor="v", message_id="m")])
+    counts = await store.status_counts()
+    assert counts == {"queued": 2, "sending": 1, "retrying": 0, "sent": 2, "failed": 1}
+
+
+async def test_find_orphans_and_mark_requeued(store: MailStore) -> None:
+    old = await insert(store, simple_mail(1))
+    await insert(store, simple_mail(2, delay=3600))
+    now = time.time()
+    orphans = await store.find_orphans(older_than_s=0, now=now + 1)
+    assert [str(d["_id"]) for d in orphans] == [old]
+    assert await store.mark_requeued(ObjectId(old), expected_ts=None, now=now) is True
+    # A second sweep with the stale expectation loses the compare-and-set.
+    assert await store.mark_requeued(ObjectId(old), expected_ts=None, now=now + 1) is False
+
+
+# --- lifecycle -----------------------------------------------------------------------
+
+
+async def test_not_connected_store_raises(settings: Settings) -> None:
+    store = MailStore(settings)
+    with pytest.raises(StoreError, match="not connected"):
+        _ = store.mails
+    assert "connected=False" in repr(store)
+
+
+async def test_unreachable_mongodb_is_a_store_error(settings: Settings) -> None:
+    uri = SecretStr("mongodb://mailer:PASSW0RD-789@127.0.0.1:1/x")
+    bad = settings.model_copy(
+        update={"mongodb": settings.mongodb.model_copy(update={"uri": uri, "timeout_ms": 300})}
+    )
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="cannot reach MongoDB") as info:
+        await MailStore(bad).connect()
+    assert time.monotonic() - started < 5
+    assert "PASSW0RD-789" not in str(info.value)
+    assert info.value.__cause__ is None
+
+
+def test_to_record_of_a_new_document() -> None:
+    email = simple_mail()
+    doc = MailStore.new_document(email, priority=3)
+    record = to_record(doc)
+    assert record.id == str(doc["_id"])
+    assert record.status is Status.QUEUED and record.email == email
+    assert record.created_at == record.updated_at == doc["created_at"]
+    assert record.created_at.tzinfo is not None
