@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -345,7 +346,7 @@ class Beanstalk:
         if timeout is None:
             command, extra = "reserve", 10.0**9
         else:
-            command, extra = f"reserve-with-timeout {max(0, int(timeout))}", max(0.0, timeout)
+            command, extra = f"reserve-with-timeout {max(0, math.ceil(timeout))}", max(0.0, timeout)
         reply = await self._call(command, extra=extra)
         tokens = self._check(command, reply, b"RESERVED")
         assert reply[1] is not None

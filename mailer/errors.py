@@ -169,8 +169,12 @@ class EnqueueError(MailerError):
     puts it on the tube later, so the mail is not lost. ``mail_ids`` lists the affected ids.
     """
 
-    def __init__(self, mail_ids: list[str], cause: BaseException) -> None:
+    def __init__(
+        self, mail_ids: list[str], cause: BaseException, *, all_ids: list[str] | None = None
+    ) -> None:
         self.mail_ids = mail_ids
+        # For send_many: every mail's id in input order, queued or not.
+        self.all_ids = all_ids if all_ids is not None else list(mail_ids)
         shown = ", ".join(mail_ids[:5]) + (" ..." if len(mail_ids) > 5 else "")
         super().__init__(
             f"{len(mail_ids)} mail(s) stored but not queued ({shown}): {cause}. "

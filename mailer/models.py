@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import math
 import re
 from email.headerregistry import Address as HeaderAddress
 from email.utils import getaddresses
@@ -189,7 +190,7 @@ class Email(BaseModel):
     tags: list[str] = Field([], max_length=10)
     metadata: dict[str, Any] = Field({}, max_length=50)
     attachments: list[Attachment] = Field([], max_length=100)
-    priority: int | None = Field(None, ge=0, le=2**32 - 1)
+    priority: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)
     send_at: dt.datetime | None = None
     delay: float | None = Field(None, ge=0, le=MAX_DELAY_S)
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
@@ -277,7 +278,7 @@ class Email(BaseModel):
     def delay_seconds(self, now: dt.datetime | None = None) -> int:
         """beanstalkd delay for this mail (whole seconds, never negative)."""
         if self.delay is not None:
-            return round(self.delay)
+            return math.ceil(self.delay)  # never earlier than asked
         if self.send_at is not None:
             now = now or dt.datetime.now(dt.UTC)
             return max(0, min(MAX_DELAY_S, int((self.send_at - now).total_seconds() + 0.999)))

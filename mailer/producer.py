@@ -178,8 +178,8 @@ class Producer:
                     cause = put
         if unqueued:
             assert cause is not None
-            raise EnqueueError(unqueued, cause)
-        self._meter.add(len(results))
+            raise EnqueueError(unqueued, cause, all_ids=[mail_id for mail_id, _ in results])
+        self._meter.add(sum(1 for _, new in results if new))
         return [mail_id for mail_id, _ in results]
 
     async def status(self, mail_id: str) -> MailRecord:

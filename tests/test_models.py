@@ -353,7 +353,7 @@ def test_delay_seconds() -> None:
     assert parse_email(mail()).delay_seconds(now) == 0
     assert parse_email(mail(delay=30)).delay_seconds(now) == 30
     assert parse_email(mail(delay=0)).delay_seconds(now) == 0
-    assert parse_email(mail(delay=7.4)).delay_seconds(now) == 7
+    assert parse_email(mail(delay=7.4)).delay_seconds(now) == 8  # rounds up, like send_at: never early
     at = parse_email(mail(send_at="2030-01-01T12:01:00Z"))
     assert at.delay_seconds(now) == 60
     # A partial second rounds up: never send early.
