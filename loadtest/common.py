@@ -1,0 +1,139 @@
+"""Pieces the load test and the benchmark share: the production guard, the sample mail,
+the environment of child processes, and the tube/collection housekeeping of a run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from typing import Any
+
+from mailer.beanstalk import Beanstalk, Job
+from mailer.config import Settings, load_settings
+from mailer.errors import BeanstalkServerError, ConfigError, NotFound
+from mailer.store import MailStore
+
+# Simulated vendor failures are random per send, not an outage: with the default 10-minute
+# cooldown a handful of them would open every breaker and park the rest of the run in
+# back-off. Our own consumers therefore get a zero cooldown and short back-offs.
+CONSUMER_TUNING = {
+    "MAILER_CONSUMER__VENDOR_COOLDOWN_S": "0",
+    "MAILER_CONSUMER__BACKOFF_BASE_S": "1",
+    "MAILER_CONSUMER__BACKOFF_CAP_S": "5",
+    "MAILER_CONSUMER__GRACE_S": "5",
+}
+
+
+def settings_or_exit(prog: str) -> Settings:
+    """The [test] settings, or exit 2 when this is production (a load test there would send
+    thousands of real mails and fill the real collections) or the configuration is unusable."""
+    if os.environ.get("MAILER_ENV", "").strip().lower() == "production":
+        _refuse(prog)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if settings.production:
+        _refuse(prog)
+    return settings
+
+
+def _refuse(prog: str) -> None:
+    print(
+        f"{prog}: refusing to run with MAILER_ENV=production: a load test sends thousands of mails "
+        "through real vendors and into the real collections. Unset MAILER_ENV (or set it to "
+        "'development') and run it against the local services.",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+def unique_suffix(kind: str) -> str:
+    """A suffix for ``Settings.for_test``: valid in tube and collection names ([a-z_0-9])."""
+    return f"_{kind}_{uuid.uuid4().hex[:8]}"
+
+
+def sample_mail(run: str, n: int) -> dict[str, Any]:
+    """A small, typical transactional mail; ``metadata.loadtest`` finds a run's mails again."""
+    return {
+        "from": "Load Test <loadtest@example.com>",
+        "to": f"user{n}@example.com",
+        "subject": f"Your order #{n} has shipped",
+        "text": "Hello,\n\nyour order is on its way and should arrive within 3 days.\n\nThanks!",
+        "metadata": {"loadtest": run, "n": n},
+    }
+
+
+def child_env(settings: Settings, *, latency_ms: float = 0.0, failure_rate: float = 0.0) -> dict[str, str]:
+    """Environment for a producer or consumer child that points it at ``settings``' tube and
+    collections. With ``--test`` the [test] section wins over the plain keys, so both are set."""
+    b, m = settings.beanstalkd, settings.mongodb
+    env = {k: v for k, v in os.environ.items() if k not in ("MAILER_MEASURE_THROUGHPUT", "MAILER_ENV")}
+    env.update(
+        {
+            "MAILER_TEST__TUBE": b.tube,
+            "MAILER_TEST__COLLECTION": m.collection,
+            "MAILER_TEST__VENDOR_STATUS_COLLECTION": m.vendor_status_collection,
+            "MAILER_BEANSTALKD__TUBE": b.tube,
+            "MAILER_MONGODB__COLLECTION": m.collection,
+            "MAILER_MONGODB__VENDOR_STATUS_COLLECTION": m.vendor_status_collection,
+            "MAILER_SIMULATION__LATENCY_MS": str(latency_ms),
+            "MAILER_SIMULATION__FAILURE_RATE": str(failure_rate),
+            **CONSUMER_TUNING,
+        }
+    )
+    return env
+
+
+async def tube_stats(bs: Beanstalk, tube: str) -> dict[str, int]:
+    """The integer counters of ``stats-tube``; all zero while the tube does not exist yet."""
+    try:
+        raw = await bs.stats_tube(tube)
+    except NotFound:
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(v, int)}
+
+
+async def drain_tube(settings: Settings) -> int:
+    """Delete every job left on the run's own tube (ready, delayed, buried); returns how many.
+
+    Ready jobs go in pipelined rounds of reserve-with-timeout 0 and delete (10,000 of them
+    take well under a second); the rest, rare, one by one through peeks.
+    """
+    b = settings.beanstalkd
+    deleted = 0
+    async with Beanstalk(b.host, b.port) as bs:
+        await bs.use(b.tube)
+        await bs.watch(b.tube)
+        await bs.ignore("default")
+        while True:
+            got = await asyncio.gather(*(bs.reserve(0) for _ in range(500)), return_exceptions=True)
+            jobs = [job for job in got if isinstance(job, Job)]
+            await asyncio.gather(*(bs.delete(job.id) for job in jobs), return_exceptions=True)
+            deleted += len(jobs)
+            if len(jobs) < len(got):
+                break
+        for peek in (bs.peek_ready, bs.peek_delayed, bs.peek_buried):
+            while (job := await peek()) is not None:
+                try:
+                    await bs.delete(job.id)
+                except BeanstalkServerError:
+                    break  # reserved by someone meanwhile: leave it
+                deleted += 1
+    return deleted
+
+
+async def drop_collections(settings: Settings) -> None:
+    """Drop the run's own collections (never the plain [test] ones: see ``delete_run``)."""
+    async with MailStore(settings) as store:
+        await store.mails.drop()
+        await store.vendor_status.drop()
+
+
+async def delete_run(settings: Settings, run: str) -> int:
+    """Delete one run's mails from a shared collection (``--external-consumers``)."""
+    async with MailStore(settings) as store:
+        result = await store.mails.delete_many({"mail.metadata.loadtest": {"$eq": run}})
+        return result.deleted_count

@@ -1,0 +1,137 @@
+"""``python -m loadtest.profile send|send_many|drain``: where the client CPU goes.
+
+py-spy (``pip install py-spy`` into the venv; not a declared dependency) is attached only
+for the timed window of one benchmark case (to this process for the producer cases, to
+the consumer child for the drain), so start-up and clean-up do not blur the picture. The
+collapsed stacks are kept (flamegraph.pl-compatible) and summarised by component: the
+leaf-most frame that matches a component's pattern decides where a sample goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from loadtest import cases
+from loadtest.common import sample_mail, settings_or_exit
+from loadtest.producer import Mode, produce
+from mailer.config import Settings
+from mailer.producer import Producer
+
+PROG = "python -m loadtest.profile"
+OUT = Path(tempfile.gettempdir()) / "mailer-profile"
+COMPONENTS = (
+    ("socket writes (syscalls)", r"_SelectorSocketTransport\.write|sock_sendall|socket\.send"),
+    ("socket reads (syscalls)", r"_read_ready__get_buffer|_read_ready__data_received|recv_into"),
+    ("mail validation (pydantic, email_validator)", r"email_validator|model_validate|mailer/models\.py"),
+    ("MailStore.new_document", r"new_document"),
+    ("BSON encode/decode", r"bson/|_op_msg|message\.py|decode_all|unpack_response"),
+    ("pymongo per-operation machinery", r"pymongo/"),
+    ("mailer.beanstalk client", r"mailer/beanstalk\.py"),
+    ("mailer delivery/store/routing/consumer", r"mailer/(delivery|store|routing|consumer|vendors|producer)"),
+    ("asyncio event loop, tasks, timers", r"asyncio/|selectors\.py"),
+)
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not os.access(found, os.X_OK):
+        print(f"{PROG}: py-spy not found; install it with '.venv/bin/pip install py-spy'", file=sys.stderr)
+        sys.exit(2)
+    return found
+
+
+class Spy:
+    """py-spy attached to one process between ``started`` and ``finished``."""
+
+    def __init__(self, out: Path, rate: int) -> None:
+        self.out, self.rate = out, rate
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def started(self, pids: list[int]) -> None:
+        args = ["record", "--nonblocking", "-r", str(self.rate), "-f", "raw", "-o", str(self.out)]
+        self.proc = await asyncio.create_subprocess_exec(
+            py_spy(), *args, "--pid", str(pids[0]), stdout=asyncio.subprocess.DEVNULL
+        )
+        await asyncio.sleep(0.5)  # let it attach before the window opens
+
+    async def finished(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            await asyncio.wait_for(self.proc.wait(), 30)
+
+
+def breakdown(raw: Path) -> list[tuple[str, float]]:
+    """Share of on-CPU samples per component (idle executor threads left out)."""
+    totals: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or "concurrent/futures/thread.py:81" in stack:
+            continue
+        frames = stack.split(";")[1:]
+        name = next(
+            (n for f in reversed(frames) for n, pattern in COMPONENTS if re.search(pattern, f)),
+            "other",
+        )
+        totals[name] += int(count)
+    n = sum(totals.values()) or 1
+    return [(name, c / n * 100) for name, c in totals.most_common()]
+
+
+async def profile(base: Settings, case: str, mails: int, spy: Spy, consumer_args: Sequence[str]) -> str:
+    if case == "drain":
+        d = await cases.drain_case(
+            base,
+            mails=mails,
+            processes=1,
+            concurrency=50,
+            latency_ms=0.0,
+            stall_probe=False,
+            observer=spy,
+            consumer_args=consumer_args,
+        )
+        return f"drain {d.rate:,.0f} mails/s, consumer {d.consumer_cpu_us:,.0f} us CPU/mail"
+    mode: Mode = "send" if case == "send" else "send_many"
+    batch = [sample_mail("profile", i) for i in range(mails)]
+    async with cases.scratch(base, "pp") as settings, Producer(settings) as producer:
+        await produce(producer, batch[:200], mode)  # warm-up: first connections, caches
+        await spy.started([os.getpid()])
+        result = await produce(producer, batch[200:], mode)
+        await spy.finished()
+    rate = result.sent / (result.end - result.start)
+    return f"{mode} {rate:,.0f} mails/s (under py-spy)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p.add_argument("case", choices=["send", "send_many", "drain"])
+    p.add_argument("--mails", type=int, default=None, help="default 5000 (send), 20000 (send_many), 10000")
+    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second (250)")
+    p.add_argument("--out", type=Path, default=OUT, help=f"where <case>.raw goes ({OUT})")
+    p.add_argument("--uvloop", action="store_true", help="drain: run the consumer with --uvloop")
+    a = p.parse_args(argv)
+    base = settings_or_exit(PROG).for_test()
+    py_spy()
+    mails = a.mails or {"send": 5000, "send_many": 20000}.get(a.case, 10000)
+    a.out.mkdir(parents=True, exist_ok=True)
+    raw = a.out / f"{a.case}.raw"
+    spy = Spy(raw, a.rate)
+    line = asyncio.run(profile(base, a.case, mails, spy, ["--uvloop"] if a.uvloop else []))
+    print(line)
+    for name, share in breakdown(raw):
+        print(f"{share:5.1f}%  {name}")
+    print(f"collapsed stacks: {raw}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
