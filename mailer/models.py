@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
+import json
 import math
 import re
 from email.headerregistry import Address as HeaderAddress
@@ -17,7 +19,7 @@ from email.utils import getaddresses
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -65,6 +67,54 @@ RESERVED_HEADERS = frozenset(
 MAIL_ID_HEADER = "X-Mailer-Id"
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# The common case, checked without email-validator: a dot-atom ASCII local part at an ASCII
+# domain with an alphabetic TLD. Anything else (quoted local parts, IDN, punycode, special-use
+# names, odd lengths) goes to email-validator, so both paths accept the same addresses.
+_FAST_EMAIL = re.compile(rf"({_ATEXT}(?:\.{_ATEXT})*)@((?:{_LABEL}\.)+([A-Za-z]{{2,63}}))")
+_PLAIN = re.compile(r"[^\s<>,;:\"()\[\]\\]+")
+_NAMED = re.compile(r"([^<>,;:\"()\[\]\\@.]*?)\s*<([^<>\s]+)>")
+_SPECIAL_TLDS = frozenset(SPECIAL_USE_DOMAIN_NAMES)
+
+
+@functools.lru_cache(maxsize=8192)
+def normalize_email(value: str) -> str:
+    """The normalized form of one address (syntax only, no DNS); ValueError when invalid.
+
+    Cached: the same senders and recipients come back mail after mail.
+    """
+    m = _FAST_EMAIL.fullmatch(value)
+    if (
+        m is not None
+        and len(m.group(1)) <= 64
+        and len(value) <= 254
+        and "--" not in m.group(2)
+        and m.group(3).lower() not in _SPECIAL_TLDS
+    ):
+        return f"{m.group(1)}@{m.group(2).lower()}"
+    try:
+        return validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ValueError(f"invalid address {value[:80]!r}: {exc}") from None
+
+
+def _split_address(value: str) -> tuple[str, str]:
+    """``(name, addr)`` of one address string; the stdlib parser only for unusual forms."""
+    text = value.strip()
+    if _PLAIN.fullmatch(text):
+        return "", text
+    m = _NAMED.fullmatch(text)
+    if m is not None:
+        return " ".join(m.group(1).split()), m.group(2)
+    pairs = getaddresses([value])
+    # The parser is lenient: it joins 'a@exa mple.com' into 'a@example.com'. An
+    # address it did not find verbatim would be a silently different recipient.
+    if len(pairs) != 1 or not pairs[0][1] or pairs[0][1] not in value:
+        raise ValueError(f"not one e-mail address: {value[:80]!r}")
+    return pairs[0]
+
+
 def _field_error(field: str, message: str) -> ValidationError:
     """A whole-mail check's error located at ``field``, so callers can map it to a form."""
     return ValidationError.from_exception_data(
@@ -95,23 +145,17 @@ class Address(BaseModel):
     def _parse(cls, value: Any) -> Any:
         if isinstance(value, str):
             _no_crlf(value, "an address")
-            pairs = getaddresses([value])
-            # The parser is lenient: it joins 'a@exa mple.com' into 'a@example.com'. An
-            # address it did not find verbatim would be a silently different recipient.
-            if len(pairs) != 1 or not pairs[0][1] or pairs[0][1] not in value:
-                raise ValueError(f"not one e-mail address: {value[:80]!r}")
-            name, addr = pairs[0]
+            name, addr = _split_address(value)
             return {"email": addr, "name": name or None}
         return value
 
     @field_validator("email")
     @classmethod
-    def _check_email(cls, value: str) -> str:
+    def _check_email(cls, value: str, info: ValidationInfo) -> str:
         _no_crlf(value, "an address")
-        try:
-            return validate_email(value, check_deliverability=False).normalized
-        except EmailNotValidError as exc:
-            raise ValueError(f"invalid address {value[:80]!r}: {exc}") from None
+        if isinstance(info.context, dict) and info.context.get("trusted"):
+            return value  # validated when the mail was accepted (Email.from_stored)
+        return normalize_email(value)
 
     @field_validator("name")
     @classmethod
@@ -180,16 +224,16 @@ class Email(BaseModel):
 
     from_: Address = Field(alias="from")
     to: AddressList = Field(min_length=1)
-    cc: AddressList = []
-    bcc: AddressList = []
-    reply_to: AddressList = []
+    cc: AddressList = Field(default_factory=list)
+    bcc: AddressList = Field(default_factory=list)
+    reply_to: AddressList = Field(default_factory=list)
     subject: str = Field(min_length=1, max_length=998)
     text: str | None = None
     html: str | None = None
-    headers: dict[str, str] = {}
-    tags: list[str] = Field([], max_length=10)
-    metadata: dict[str, Any] = Field({}, max_length=50)
-    attachments: list[Attachment] = Field([], max_length=100)
+    headers: dict[str, str] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list, max_length=10)
+    metadata: dict[str, Any] = Field(default_factory=dict, max_length=50)
+    attachments: list[Attachment] = Field(default_factory=list, max_length=100)
     priority: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)
     send_at: dt.datetime | None = None
     delay: float | None = Field(None, ge=0, le=MAX_DELAY_S)
@@ -233,6 +277,8 @@ class Email(BaseModel):
                 raise ValueError(f"metadata key {key[:40]!r}: use up to 64 letters, digits, '_' or '-'")
             if isinstance(val, str) and len(val) > 1000:
                 raise ValueError(f"metadata value of {key!r} is longer than 1000 characters")
+            if isinstance(val, int) and not -(2**63) <= val < 2**63:  # MongoDB's widest integer
+                raise ValueError(f"metadata value of {key[:40]!r} does not fit in 64 bits")
         return value
 
     @field_validator("idempotency_key")
@@ -264,16 +310,26 @@ class Email(BaseModel):
             limit_n = ctx.get("max_recipients", MAX_RECIPIENTS)
             raise _field_error("to", f"{n} recipients in to/cc/bcc; at most {limit_n} per mail")
         limit = ctx.get("max_bytes", MAX_EMAIL_BYTES)
-        if self.size() > limit:
-            raise ValueError(f"the mail is about {self.size()} bytes; the limit is {limit} bytes")
+        parts = self._sizes()
+        if sum(parts.values()) > limit:
+            biggest = max(parts, key=lambda k: parts[k])
+            raise _field_error(
+                biggest, f"the mail is about {sum(parts.values())} bytes; the limit is {limit} bytes"
+            )
         return self
+
+    def _sizes(self) -> dict[str, int]:
+        return {
+            "subject": len(self.subject.encode()),
+            "text": len((self.text or "").encode()),
+            "html": len((self.html or "").encode()),
+            "headers": sum(len(k) + len(v.encode()) for k, v in self.headers.items()),
+            "attachments": sum((len(a.content) + 2) // 3 * 4 for a in self.attachments),
+        }
 
     def size(self) -> int:
         """Approximate encoded size: bodies plus attachments as base64 (how they travel)."""
-        total = len(self.subject.encode()) + len((self.text or "").encode()) + len((self.html or "").encode())
-        total += sum(len(k) + len(v.encode()) for k, v in self.headers.items())
-        total += sum((len(a.content) + 2) // 3 * 4 for a in self.attachments)
-        return total
+        return sum(self._sizes().values())
 
     def delay_seconds(self, now: dt.datetime | None = None) -> int:
         """beanstalkd delay for this mail (whole seconds, never negative)."""
@@ -291,7 +347,9 @@ class Email(BaseModel):
     def from_stored(cls, data: dict[str, Any]) -> Email:
         """Rebuild a stored mail. Limits were enforced when it was accepted (and may have
         changed since), so only the shape is checked again; a corrupted document raises."""
-        return cls.model_validate(data, context={"max_bytes": 1 << 62, "max_recipients": 1 << 30})
+        return cls.model_validate(
+            data, context={"max_bytes": 1 << 62, "max_recipients": 1 << 30, "trusted": True}
+        )
 
 
 def _field_name(loc: tuple[int | str, ...]) -> str:
@@ -304,6 +362,38 @@ def _field_name(loc: tuple[int | str, ...]) -> str:
         else:
             parts.append(("." if parts else "") + ("from" if p == "from_" else str(p)))
     return "".join(parts) or "(mail)"
+
+
+BAD_TEXT = "not valid UTF-8 text (undecodable bytes or a lone surrogate)"
+
+
+def _bad_text(data: Any, loc: tuple[int | str, ...] = ()) -> list[str]:
+    """Fields whose strings are not valid Unicode: lone surrogates (undecodable bytes smuggled
+    into a str, or JSON ``\\ud800`` escapes), which neither MongoDB nor any vendor accepts."""
+    found: list[str] = []
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            found.append(_field_name(loc))
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            found += _bad_text(key, (*loc, "(key)")) if isinstance(key, str) else []
+            found += _bad_text(value, (*loc, key if isinstance(key, str | int) else repr(key)))
+    elif isinstance(data, list | tuple):
+        for i, value in enumerate(data):
+            found += _bad_text(value, (*loc, i))
+    return found
+
+
+def _bad_json_text(data: str | bytes) -> list[str]:
+    """For JSON the parser refused: the fields holding invalid UTF-8 or lone surrogates, if
+    that is why (a lenient parse keeps them as surrogates, so they can be found)."""
+    try:
+        text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
+        return _bad_text(json.loads(text))
+    except (ValueError, RecursionError):
+        return []
 
 
 def parse_email(
@@ -326,8 +416,14 @@ def parse_email(
             raise EmailValidationError(
                 [("(mail)", f"expected a mapping of fields, got {type(data).__name__}")]
             )
+        if bad := _bad_text(data):
+            raise EmailValidationError([(field, BAD_TEXT) for field in bad])
         return Email.model_validate(data, context=ctx)
     except ValidationError as exc:
+        raw = exc.errors(include_url=False, include_input=False)
+        json_only = all(e["type"] == "json_invalid" for e in raw)
+        if isinstance(data, str | bytes) and json_only and (bad := _bad_json_text(data)):
+            raise EmailValidationError([(field, BAD_TEXT) for field in bad]) from None
         errors = []
         for err in exc.errors(include_url=False, include_input=False):
             msg = str(err["msg"]).removeprefix("Value error, ")
@@ -375,7 +471,7 @@ class MailRecord(BaseModel):
     updated_at: dt.datetime
     job_id: int | None = None
     rounds: int = 0
-    attempts: list[Attempt] = []
+    attempts: list[Attempt] = Field(default_factory=list)
     vendor: str | None = None
     message_id: str | None = None
     sent_at: dt.datetime | None = None

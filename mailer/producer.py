@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -23,6 +24,7 @@ from mailer.errors import (
     BeanstalkTimeoutError,
     EmailValidationError,
     EnqueueError,
+    MailerError,
     ProducerClosedError,
     StoreError,
 )
@@ -32,6 +34,24 @@ from mailer.throughput import ThroughputMeter
 
 log = logging.getLogger("mailer.producer")
 EmailInput = Email | dict[str, Any] | str | bytes
+_MAX_BATCH = 1000
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A validated mail on its way: the document to insert and its job's parameters."""
+
+    doc: Doc
+    priority: int
+    delay: int
+
+
+def _copy_error(exc: BaseException) -> MailerError:
+    """A fresh exception per waiting caller (one instance raised in many tasks would share
+    and grow one traceback)."""
+    if isinstance(exc, StoreError):
+        return StoreError(str(exc))
+    return StoreError(f"the write failed ({type(exc).__name__}: {exc}); the mail may not be stored")
 
 
 class Producer:
@@ -52,6 +72,8 @@ class Producer:
         )
         self._meter = ThroughputMeter("Producer", self.settings.throughput_interval_s)
         self._reconnect_lock = asyncio.Lock()
+        self._waiting: list[tuple[_Entry, asyncio.Future[str | MailerError]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._connected = False
 
     def __repr__(self) -> str:
@@ -76,6 +98,9 @@ class Producer:
     async def quit(self) -> None:
         """Close both connections; calls in flight fail. Safe to call twice."""
         self._connected = False
+        if self._writer is not None and not self._writer.done():
+            # Let sends already accepted finish their write (bounded by the store's timeouts).
+            await asyncio.wait([self._writer], timeout=self.settings.mongodb.timeout_ms / 1000 + 5)
         await self._meter.stop()
         await self.queue.close()
         await self.store.close()
@@ -106,81 +131,129 @@ class Producer:
     def _priority(self, email: Email) -> int:
         return email.priority if email.priority is not None else self.settings.producer.default_priority
 
+    def _entry(self, mail: Email) -> _Entry:
+        priority = self._priority(mail)
+        return _Entry(MailStore.new_document(mail, priority=priority), priority, mail.delay_seconds())
+
     async def send(self, email: EmailInput) -> str:
         """Store and queue one mail; return its id (24 hex characters).
 
         A mail whose ``idempotency_key`` was used before returns the earlier id and queues
-        nothing. Raises EmailValidationError (nothing stored), StoreError (nothing stored)
-        or EnqueueError (stored, not yet queued: the requeue sweep will queue it).
+        nothing. Raises EmailValidationError (nothing stored), StoreError (not stored, or
+        unknown when MongoDB went away mid-write) or EnqueueError (stored, not yet queued:
+        the requeue sweep will queue it).
+
+        Concurrent calls are group-committed: while one batch is being written, the mails
+        that arrive wait and go together in the next ``insert_many`` and pipelined puts.
+        Each call still returns only once its own mail is stored and queued.
         """
         self._require()
-        mail = self.validate(email)
-        doc = MailStore.new_document(mail, priority=self._priority(mail))
-        try:
-            mail_id, new = await self.store.insert(doc)
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise StoreError(
-                f"MongoDB refused the mail, nothing was queued: {type(exc).__name__}: {exc}"
-            ) from None
-        if new:
+        entry = self._entry(self.validate(email))
+        future: asyncio.Future[str | MailerError] = asyncio.get_running_loop().create_future()
+        self._waiting.append((entry, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_waiting())
+        result = await future
+        if isinstance(result, MailerError):
+            raise result
+        return result
+
+    async def _write_waiting(self) -> None:
+        while self._waiting:
+            batch = self._waiting[:_MAX_BATCH]
+            del self._waiting[:_MAX_BATCH]
             try:
-                await self._put(mail_id.encode(), self._priority(mail), mail.delay_seconds())
-            except BeanstalkError as exc:
-                raise EnqueueError([mail_id], exc) from None
-            self._meter.add()
-        return mail_id
+                results = await self._store_and_queue([entry for entry, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(_copy_error(exc))
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
     async def send_many(self, emails: Sequence[EmailInput]) -> list[str]:
         """Store and queue a batch with one ``insert_many`` and pipelined puts.
 
         Every mail is validated first: one invalid mail rejects the whole batch (its error
-        names the index, e.g. ``[3].to``) and nothing is stored.
+        names the index, e.g. ``[3].to``) and nothing is stored. If some mails could not be
+        queued, EnqueueError names them (they are stored; the sweep queues them) and its
+        ``all_ids`` gives every id in input order.
         """
         self._require()
-        mails: list[Email] = []
+        entries: list[_Entry] = []
         errors: list[tuple[str, str]] = []
         for i, raw in enumerate(emails):
             try:
-                mails.append(self.validate(raw))
+                entries.append(self._entry(self.validate(raw)))
             except EmailValidationError as exc:
                 errors.extend((f"[{i}].{field}", msg) for field, msg in exc.errors)
         if errors:
             raise EmailValidationError(errors)
-        docs: list[Doc] = [MailStore.new_document(m, priority=self._priority(m)) for m in mails]
+        ids: list[str] = []
+        refused: list[StoreError] = []
+        unqueued: list[EnqueueError] = []
+        for start in range(0, len(entries), _MAX_BATCH):
+            for result in await self._store_and_queue(entries[start : start + _MAX_BATCH]):
+                if isinstance(result, StoreError):
+                    refused.append(result)
+                elif isinstance(result, EnqueueError):
+                    unqueued.append(result)
+                    ids.extend(result.mail_ids)
+                else:
+                    ids.append(str(result))
+        if refused:
+            raise StoreError(
+                f"{len(refused)} mail(s) of the batch refused by MongoDB ({refused[0]}); the other "
+                f"{len(ids)} were stored"
+            )
+        if unqueued:
+            cause = unqueued[0].__cause__ or unqueued[0]
+            raise EnqueueError([m for e in unqueued for m in e.mail_ids], cause, all_ids=ids)
+        return ids
+
+    async def _store_and_queue(self, entries: list[_Entry]) -> list[str | MailerError]:
+        """One ``insert_many``, then one pipelined write of puts per (priority, delay).
+
+        Per entry: its id, or the error that concerns it alone.
+        """
         try:
-            results = await self.store.insert_many(docs)
+            stored = await self.store.insert_many([e.doc for e in entries])
         except StoreError:
             raise
         except Exception as exc:
             raise StoreError(
-                f"MongoDB refused the batch ({type(exc).__name__}: {exc}); mails before the failure "
-                "may be stored and will be queued by the requeue sweep"
+                f"MongoDB failed during the write ({type(exc).__name__}: {exc}); the mail may or may "
+                "not be stored: if it is, the requeue sweep queues it"
             ) from None
-        # Group the new mails by (priority, delay) so each group is one pipelined write.
-        groups: dict[tuple[int, int], list[str]] = {}
-        for mail, (mail_id, new) in zip(mails, results, strict=True):
-            if new:
-                groups.setdefault((self._priority(mail), mail.delay_seconds()), []).append(mail_id)
-        unqueued: list[str] = []
-        cause: BaseException | None = None
-        for (priority, delay), ids in groups.items():
-            try:
-                outcome = await self._put_many(ids, priority, delay)
-            except BeanstalkError as exc:
-                unqueued.extend(ids)
-                cause = exc
+        results: list[str | MailerError] = []
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (entry, outcome) in enumerate(zip(entries, stored, strict=True)):
+            if isinstance(outcome, StoreError):
+                results.append(outcome)
                 continue
-            for mail_id, put in zip(ids, outcome, strict=True):
-                if isinstance(put, BeanstalkServerError):
-                    unqueued.append(mail_id)
-                    cause = put
-        if unqueued:
-            assert cause is not None
-            raise EnqueueError(unqueued, cause, all_ids=[mail_id for mail_id, _ in results])
-        self._meter.add(sum(1 for _, new in results if new))
-        return [mail_id for mail_id, _ in results]
+            mail_id, new = outcome
+            results.append(mail_id)
+            if new:
+                groups.setdefault((entry.priority, entry.delay), []).append(i)
+        queued = 0
+        for (priority, delay), indexes in groups.items():
+            ids = [str(results[i]) for i in indexes]
+            puts: list[int | BeanstalkServerError] | list[BeanstalkError]
+            try:
+                puts = await self._put_many(ids, priority, delay)
+            except BeanstalkError as exc:
+                puts = [exc] * len(ids)
+            for i, mail_id, put in zip(indexes, ids, puts, strict=True):
+                if isinstance(put, BeanstalkError):
+                    error = EnqueueError([mail_id], put)
+                    error.__cause__ = put
+                    results[i] = error
+                else:
+                    queued += 1
+        self._meter.add(queued)
+        return results
 
     async def status(self, mail_id: str) -> MailRecord:
         """The stored record of a mail: status, attempts, vendor, message id."""
@@ -188,14 +261,6 @@ class Producer:
         return await self.store.get(mail_id)
 
     # --- the queue, with one reconnect ---------------------------------------------------
-
-    async def _put(self, body: bytes, priority: int, delay: int) -> int:
-        ttr = self.settings.beanstalkd.ttr_s
-        try:
-            return await self.queue.put(body, priority=priority, delay=delay, ttr=ttr)
-        except (BeanstalkConnectionError, BeanstalkTimeoutError):
-            await self._reconnect()
-            return await self.queue.put(body, priority=priority, delay=delay, ttr=ttr)
 
     async def _put_many(self, ids: list[str], priority: int, delay: int) -> list[int | BeanstalkServerError]:
         ttr = self.settings.beanstalkd.ttr_s

@@ -234,8 +234,13 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("reserved-case", mail(headers={"REPLY-TO": "v@example.com"}), "headers", "set by mailer"),
     ("header-name", mail(headers={"Bad Name": "v"}), "headers", "not a valid field name"),
     ("header-colon", mail(headers={"X-A:": "v"}), "headers", "not a valid field name"),
-    ("oversize", mail(text="x" * 5000), "(mail)", "limit is 1024 bytes"),
-    ("oversize-attachment", mail(attachments=[{"filename": "a", "content": b"x" * 1000}]), "(mail)", "limit"),
+    ("oversize", mail(text="x" * 5000), "text", "limit is 1024 bytes"),  # named: the biggest part
+    (
+        "oversize-attachment",
+        mail(attachments=[{"filename": "a", "content": b"x" * 1000}]),
+        "attachments",
+        "limit",
+    ),
     ("51-recipients", mail(to=[f"u{i}@example.com" for i in range(51)]), "to", "51 recipients"),
     (
         "51-over-to-cc-bcc",
@@ -374,3 +379,54 @@ def test_send_at_is_kept_to_the_millisecond() -> None:
     # Stored as a BSON datetime (milliseconds): the model keeps exactly what reads back.
     e = parse_email(mail(send_at=dt.datetime(2031, 1, 1, 9, 0, 0, 123456, tzinfo=UTC)))
     assert e.send_at == dt.datetime(2031, 1, 1, 9, 0, 0, 123000, tzinfo=UTC)
+
+
+def test_address_fast_path_agrees_with_email_validator_and_the_stdlib_parser() -> None:
+    """The regex fast paths must accept, refuse and normalize exactly as the slow paths."""
+    import random
+    import string
+    from email.utils import getaddresses
+
+    from email_validator import EmailNotValidError, validate_email
+
+    from mailer.models import _split_address, normalize_email
+
+    rng = random.Random(7)
+    local_chars = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-."
+    domain_chars = string.ascii_letters + string.digits + "-."
+    tlds = [".com", ".c", ".co1", ".test", ".de", "", ".xn--p1ai", ".COM", ".localhost"]
+    for _ in range(5000):
+        local = "".join(rng.choice(local_chars) for _ in range(rng.randint(1, 12)))
+        domain = "".join(rng.choice(domain_chars) for _ in range(rng.randint(1, 12))) + rng.choice(tlds)
+        address = f"{local}@{domain}"
+        normalize_email.cache_clear()
+        try:
+            fast: str | None = normalize_email(address)
+        except ValueError:
+            fast = None
+        try:
+            slow: str | None = validate_email(address, check_deliverability=False).normalized
+        except EmailNotValidError:
+            slow = None
+        assert fast == slow, address
+
+    def outcome(pair: tuple[str, str] | None) -> tuple[str | None, str] | None:
+        if pair is None:
+            return None
+        try:
+            return (" ".join(pair[0].split()) or None, normalize_email(pair[1]))
+        except ValueError:
+            return None
+
+    name_chars = "abcAB -_'éöœ☃0.,;:<>\"()@[]\\"
+    for _ in range(5000):
+        name = "".join(rng.choice(name_chars) for _ in range(rng.randint(0, 8)))
+        addr = rng.choice(["a@b.co", "x.y@ex-ample.com", "q@q"])
+        for text in (f"{name} <{addr}>", f"{name}{addr}", addr, f" {addr} "):
+            try:
+                got: tuple[str, str] | None = _split_address(text)
+            except ValueError:
+                got = None
+            pairs = getaddresses([text])
+            ok = len(pairs) == 1 and pairs[0][1] and pairs[0][1] in text
+            assert outcome(got) == outcome(pairs[0] if ok else None), text
