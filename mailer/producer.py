@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+from mailer.batching import Batcher
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings, load_settings
 from mailer.errors import (
@@ -72,8 +73,9 @@ class Producer:
         )
         self._meter = ThroughputMeter("Producer", self.settings.throughput_interval_s)
         self._reconnect_lock = asyncio.Lock()
-        self._waiting: list[tuple[_Entry, asyncio.Future[str | MailerError]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._sends: Batcher[_Entry, str | MailerError] = Batcher(
+            self._store_and_queue, max_batch=_MAX_BATCH, on_error=_copy_error
+        )
         self._connected = False
 
     def __repr__(self) -> str:
@@ -98,9 +100,8 @@ class Producer:
     async def quit(self) -> None:
         """Close both connections; calls in flight fail. Safe to call twice."""
         self._connected = False
-        if self._writer is not None and not self._writer.done():
-            # Let sends already accepted finish their write (bounded by the store's timeouts).
-            await asyncio.wait([self._writer], timeout=self.settings.mongodb.timeout_ms / 1000 + 5)
+        # Let sends already accepted finish their write (bounded by the store's timeouts).
+        await self._sends.close(within=self.settings.mongodb.timeout_ms / 1000 + 5)
         await self._meter.stop()
         await self.queue.close()
         await self.store.close()
@@ -149,29 +150,10 @@ class Producer:
         """
         self._require()
         entry = self._entry(self.validate(email))
-        future: asyncio.Future[str | MailerError] = asyncio.get_running_loop().create_future()
-        self._waiting.append((entry, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_waiting())
-        result = await future
+        result = await self._sends.submit(entry)
         if isinstance(result, MailerError):
             raise result
         return result
-
-    async def _write_waiting(self) -> None:
-        while self._waiting:
-            batch = self._waiting[:_MAX_BATCH]
-            del self._waiting[:_MAX_BATCH]
-            try:
-                results = await self._store_and_queue([entry for entry, _ in batch])
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(_copy_error(exc))
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
 
     async def send_many(self, emails: Sequence[EmailInput]) -> list[str]:
         """Store and queue a batch with one ``insert_many`` and pipelined puts.
