@@ -51,11 +51,13 @@ def _queue(settings: Settings) -> Beanstalk:
 # --- subcommands ----------------------------------------------------------------------------
 
 
-def _mail_from_args(args: argparse.Namespace) -> dict[str, Any] | str:
+def _mail_from_args(args: argparse.Namespace) -> dict[str, Any] | bytes:
     if args.json is not None:
+        # Bytes, not text: decoding is the JSON parser's job, so invalid UTF-8 is reported
+        # like any other bad input (naming its field), whatever the locale's encoding.
         try:
-            raw = sys.stdin.read() if args.json == "-" else Path(args.json).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            raw = sys.stdin.buffer.read() if args.json == "-" else Path(args.json).read_bytes()
+        except OSError as exc:
             raise UsageError(f"cannot read {args.json}: {exc}") from None
         return raw
     mail: dict[str, Any] = {}

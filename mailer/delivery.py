@@ -161,7 +161,22 @@ class Delivery:
                 claim.doc and claim.doc["status"],
             )
             return Settle(Action.DELETE, reason="already finished")
+        if claim.state is ClaimState.CORRUPT:
+            status = (claim.doc or {}).get("status")
+            log.error(
+                "job %s: mail %s has status %r, which mailer never writes; burying it", job.id, oid, status
+            )
+            return Settle(Action.BURY, reason="corrupted status")
         if claim.state is ClaimState.BUSY:
+            held = claim.doc or {}
+            if held.get("job_id") == job.id:
+                # This very job came back while its claim is still leased: its consumer died or
+                # lost its beanstalkd connection (a dead connection's jobs are ready again at
+                # once). It is the mail's only job: wait out the lease instead of deleting it;
+                # then the claim either sees the mail finished or takes the expired lease over.
+                wait = max(1, int(float(held.get("lease_until", 0.0)) - time.time() + 1.999))
+                log.info("job %s: mail %s is still leased; trying again in %d s", job.id, oid, wait)
+                return Settle(Action.RELEASE, delay=wait, reason="leased")
             log.info(
                 "job %s: mail %s is being delivered by another consumer; deleting this twin job", job.id, oid
             )
@@ -233,6 +248,23 @@ class Delivery:
     ) -> Settle:
         c = self.settings.consumer
         now = self.clock()
+        if not tried and self.registry.next_available_at() <= now:
+            # Nothing was tried, yet no vendor is in its cooldown: each is half-open with
+            # another mail's probe in flight. That says nothing about this mail, so the round
+            # does not count; otherwise, after an outage, the mails arriving while the probes
+            # run would spend rounds (their last one too) waiting on them, and fail although
+            # every vendor is back. Try again in a second.
+            await self._commit(
+                Finish(
+                    mail_id,
+                    Status.RETRYING,
+                    attempts,
+                    error=next((a.get("error") for a in reversed(attempts) if a.get("error")), None),
+                    next_attempt_ts=now + 1,
+                    extra={"rounds": rounds - 1},
+                )
+            )
+            return Settle(Action.RELEASE, delay=1, reason="probing", priority=priority)
         if not tried:
             now_dt = dt.datetime.now(dt.UTC)
             attempts.append(self._attempt("-", now_dt, "unavailable", job, error="no vendor available"))

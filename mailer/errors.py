@@ -30,7 +30,9 @@ class EmailValidationError(MailerError, ValueError):
 
     def __init__(self, errors: list[tuple[str, str]]) -> None:
         self.errors = errors
-        lines = "; ".join(f"{field}: {msg}" for field, msg in errors)
+        lines = "; ".join(f"{field}: {msg}" for field, msg in errors[:10])
+        if len(errors) > 10:  # e.g. 10,000 bad recipients: the first ten say enough
+            lines += f"; and {len(errors) - 10} more"
         super().__init__(f"invalid e-mail, nothing was stored or queued: {lines}")
 
 

@@ -151,7 +151,9 @@ class VendorRegistry:
 
     def succeeded(self, vendor: Vendor) -> None:
         breaker = self._breakers[vendor.name]
-        if breaker.probing or breaker.until > 0:
+        # Only the half-open probe closes a breaker: a send that began before the vendor
+        # was marked (by this process or another) and succeeds late says nothing about now.
+        if breaker.probing:
             log.info("vendor %s: probe succeeded, available again", vendor.name)
             breaker.until, breaker.reason, breaker.probing = 0.0, "", False
             if self.store is not None:

@@ -57,6 +57,7 @@ class ClaimState(Enum):
     MISSING = "missing"  # no such document: a poison job
     DONE = "done"  # already sent or failed: a redelivery, send nothing
     BUSY = "busy"  # another consumer holds a live lease: a twin job
+    CORRUPT = "corrupt"  # a status mailer never writes (or none): a poison job
 
 
 @dataclass(slots=True)
@@ -201,27 +202,32 @@ class MailStore:
             return existing, False
         return str(doc["_id"]), True
 
-    async def insert_many(self, docs: Sequence[Doc]) -> list[tuple[str, bool]]:
-        """One ``insert_many``; per doc ``(id, new)``, reusing the ids of known idempotency keys."""
+    async def insert_many(self, docs: Sequence[Doc]) -> list[tuple[str, bool] | StoreError]:
+        """One unordered ``insert_many``; per doc ``(id, new)`` or the error for that doc alone.
+
+        A doc whose idempotency key is known gets the existing id and ``new=False``. Errors of
+        the whole call (MongoDB unreachable) raise: it is then unknown which docs were stored.
+        """
         if not docs:
             return []
-        failed: set[int] = set()
+        refused: dict[int, Doc] = {}
         try:
             await self.mails.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
-            for err in exc.details.get("writeErrors", []):
-                if err.get("code") != 11000:
-                    raise
-                failed.add(int(err["index"]))
-        out: list[tuple[str, bool]] = []
+            refused = {int(err["index"]): err for err in exc.details.get("writeErrors", [])}
+        out: list[tuple[str, bool] | StoreError] = []
         for i, doc in enumerate(docs):
-            if i in failed:
-                existing = await self._by_key(doc.get("idempotency_key"))
-                if existing is None:
-                    raise StoreError(f"mail {i}: duplicate key without an idempotency_key match")
-                out.append((existing, False))
-            else:
+            err = refused.get(i)
+            if err is None:
                 out.append((str(doc["_id"]), True))
+                continue
+            existing = await self._by_key(doc.get("idempotency_key")) if err.get("code") == 11000 else None
+            if existing is None:
+                out.append(
+                    StoreError(f"MongoDB refused the mail (code {err.get('code')}): {err.get('errmsg')}")
+                )
+            else:
+                out.append((existing, False))
         return out
 
     async def _by_key(self, key: str | None) -> str | None:
@@ -271,12 +277,15 @@ class MailStore:
         )
         if doc is not None:
             return Claim(ClaimState.CLAIMED, doc)
-        current = await self.mails.find_one({"_id": oid}, {"status": 1, "lease_until": 1})
+        current = await self.mails.find_one({"_id": oid}, {"status": 1, "lease_until": 1, "job_id": 1})
         if current is None:
             return Claim(ClaimState.MISSING)
-        if current["status"] in (Status.SENT.value, Status.FAILED.value):
+        status = current.get("status")
+        if status in (Status.SENT.value, Status.FAILED.value):
             return Claim(ClaimState.DONE, current)
-        if current["status"] == Status.SENDING.value and float(current.get("lease_until", 0)) < now:
+        if status not in _CLAIMABLE and status != Status.SENDING.value:
+            return Claim(ClaimState.CORRUPT, current)
+        if status == Status.SENDING.value and float(current.get("lease_until", 0)) < now:
             doc = await self.mails.find_one_and_update(
                 {"_id": oid, "status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": now}},
                 update,
@@ -292,6 +301,18 @@ class MailStore:
             {"_id": oid, "consumer": {"$eq": consumer}, "status": {"$eq": Status.SENDING.value}},
             {"$set": {"lease_until": time.time() + lease_s}},
         )
+
+    async def extend_leases(self, oids: Sequence[ObjectId], consumer: str, lease_s: float) -> None:
+        """Extend many of ``consumer``'s claims in one update (the consumer's keepalive)."""
+        if oids:
+            await self.mails.update_many(
+                {
+                    "_id": {"$in": list(oids)},
+                    "consumer": {"$eq": consumer},
+                    "status": {"$eq": Status.SENDING.value},
+                },
+                {"$set": {"lease_until": time.time() + lease_s}},
+            )
 
     @staticmethod
     def _finish_op(f: Finish) -> UpdateOne:

@@ -1,0 +1,1 @@
+"""Fault scenarios: crashes, restarts and outages, each on servers of its own (see harness)."""

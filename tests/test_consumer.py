@@ -1,0 +1,498 @@
+"""The consumer process against the real beanstalkd and nx-27017: in-process consumers with
+FakeVendors for exact routing checks, and ``python -m mailer.consumer --test`` subprocesses
+(simulated vendors) for the shared circuit breaker, signals and crashes."""
+
+from __future__ import annotations
+
+import collections
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from bson import ObjectId
+from helpers import (
+    VENDOR_NAMES,
+    ConsumerProcess,
+    FakeClock,
+    MakeSettings,
+    docs,
+    fake_vendors,
+    job_stats,
+    produce,
+    put_bodies,
+    running_consumer,
+    tube_counts,
+    tube_empty,
+    vendor_mark,
+    wait_all_status,
+    wait_until,
+    with_beanstalkd,
+    with_consumer,
+)
+
+from mailer.config import Settings
+from mailer.consumer import main
+from mailer.errors import TransientVendorError
+from mailer.store import Doc, MailStore
+
+COOLDOWN = 600.0
+
+
+def sent_attempts(doc: Doc) -> list[Doc]:
+    return [a for a in doc["attempts"] if a["outcome"] == "sent"]
+
+
+# --- end to end --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_1000_mails_at_concurrency_50_are_all_sent(settings: Settings) -> None:
+    vendors = fake_vendors()
+    ids = await produce(settings, 1000)
+    async with running_consumer(settings, vendors, concurrency=50) as consumer, MailStore(settings) as store:
+        found = await wait_all_status(store, ids, "sent", within=30)
+        await wait_until(lambda: tube_empty(settings), within=10, what="an empty tube")
+        assert consumer.processed == 1000
+    assert sum(len(v.sends) for v in vendors) == 1000
+    assert sorted(i for v in vendors for i in v.delivered) == sorted(ids)
+    for doc in found.values():
+        attempts = doc["attempts"]
+        assert isinstance(attempts, list) and len(attempts) == 1
+        [attempt] = attempts
+        assert isinstance(attempt, dict)
+        assert attempt["vendor"] == doc["vendor"] and attempt["outcome"] == "sent"
+        assert attempt["message_id"] == doc["message_id"]
+        assert doc["lease_until"] == 0.0
+    assert await tube_counts(settings) == dict.fromkeys(("ready", "reserved", "delayed", "buried"), 0)
+
+
+async def test_round_robin_spreads_exactly_by_job_id(settings: Settings) -> None:
+    vendors = fake_vendors()
+    ids = await produce(settings, 400)
+    async with running_consumer(settings, vendors, concurrency=20), MailStore(settings) as store:
+        found = await wait_all_status(store, ids, "sent")
+    for doc in found.values():
+        assert doc["vendor"] == VENDOR_NAMES[doc["job_id"] % 4], doc
+        assert doc["attempts"][0]["job_id"] == doc["job_id"]
+    spread = collections.Counter(d["vendor"] for d in found.values())
+    assert spread == collections.Counter(VENDOR_NAMES[d["job_id"] % 4] for d in found.values())
+    job_ids = sorted(d["job_id"] for d in found.values())
+    if job_ids == list(range(job_ids[0], job_ids[0] + 400)):  # no other client put meanwhile
+        assert spread == dict.fromkeys(VENDOR_NAMES, 100)
+    assert {v.name: len(v.sends) for v in vendors} == dict(spread)
+
+
+# --- failover and the shared circuit breaker -----------------------------------------------
+
+
+@pytest.mark.slow
+async def test_failover_is_shared_with_a_second_process_then_half_open_probe_closes_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    vendors = fake_vendors(mailgun={"default": TransientVendorError("mailgun", "503 service unavailable")})
+    mailgun = vendors[1]
+    async with MailStore(settings) as store:
+        # 1. one consumer finds mailgun down: its mails go out through the next vendor
+        first = await produce(settings, 20)
+        async with running_consumer(settings, vendors, concurrency=4, clock=clock):
+            found = await wait_all_status(store, first, "sent")
+        assert len(mailgun.sends) == 1  # later jobs skipped it
+        hit = [d for d in found.values() if d["attempts"][0]["vendor"] == "mailgun"]
+        assert len(hit) == 1
+        assert [(a["vendor"], a["outcome"]) for a in hit[0]["attempts"]] == [
+            ("mailgun", "transient"),
+            ("sendinblue", "sent"),
+        ]
+        mark = await vendor_mark(store, "mailgun")
+        assert mark is not None and mark["until"] == pytest.approx(clock() + COOLDOWN)
+
+        # 2. another process (simulated vendors of the same names) skips it too
+        proc = ConsumerProcess(settings, tmp_path, concurrency=4)
+        try:
+            await proc.wait_started()
+            second = await produce(settings, 30, start=100)
+            found = await wait_all_status(store, second, "sent")
+            assert await proc.stop() == 0
+        finally:
+            proc.kill()
+        up = ["amazon", "sendinblue", "sparkpost"]
+        for doc in found.values():
+            assert [a["vendor"] for a in doc["attempts"]] == [doc["vendor"]]
+            assert doc["vendor"] == up[doc["job_id"] % 3]
+            assert f":{proc.pid}:" in doc["attempts"][0]["consumer"]
+            assert doc["message_id"].startswith(f"sim-{doc['vendor']}-{proc.pid}-")
+        assert len(mailgun.sends) == 1
+
+        # 3. past the cooldown (injected clock, no sleeping) mailgun is probed with one send;
+        #    it works now, so the breaker closes for everyone
+        mailgun.default = None
+        clock.advance(COOLDOWN + 1)
+        third = await produce(settings, 12, start=200)
+        async with running_consumer(settings, vendors, concurrency=1, clock=clock) as consumer:
+            found = await wait_all_status(store, third, "sent")
+
+            async def cleared() -> bool:
+                m = await vendor_mark(store, "mailgun")
+                return m is not None and m["until"] == 0.0
+
+            await wait_until(cleared, what="the mailgun mark to be cleared in MongoDB")
+            assert consumer.registry.snapshot()["mailgun"] == (0.0, "")
+        probe = mailgun.sends[1]
+        assert probe.ok and probe.mail_id in third
+        # closed again: plain round robin over all four
+        assert all(d["vendor"] == VENDOR_NAMES[d["job_id"] % 4] for d in found.values())
+
+
+async def test_failed_half_open_probe_opens_the_breaker_for_another_cooldown(settings: Settings) -> None:
+    clock = FakeClock()
+    vendors = fake_vendors(mailgun={"default": TransientVendorError("mailgun", "503 service unavailable")})
+    mailgun = vendors[1]
+    async with MailStore(settings) as store, running_consumer(settings, vendors, clock=clock) as consumer:
+        first = await produce(settings, 12)
+        await wait_all_status(store, first, "sent")
+        assert len(mailgun.sends) == 1
+        marked_until = consumer.registry.snapshot()["mailgun"][0]
+
+        clock.advance(COOLDOWN + 1)
+        second = await produce(settings, 12, start=100)
+        found = await wait_all_status(store, second, "sent")
+        assert len(mailgun.sends) == 2  # exactly one probe, which failed
+        probed = next(d for d in found.values() if d["attempts"][0]["vendor"] == "mailgun")
+        assert [a["outcome"] for a in probed["attempts"]] == ["transient", "sent"]
+        assert probed["vendor"] == "sendinblue"
+
+        async def reopened() -> bool:
+            m = await vendor_mark(store, "mailgun")
+            return m is not None and m["until"] == pytest.approx(clock() + COOLDOWN)
+
+        await wait_until(reopened, what="the mark to be renewed for another cooldown")
+        assert consumer.registry.snapshot()["mailgun"][0] > marked_until
+        assert all(d["vendor"] != "mailgun" for d in found.values())
+
+
+async def test_a_late_success_of_an_earlier_send_does_not_reopen_a_marked_vendor(settings: Settings) -> None:
+    # Sends take 0.1 s and 8 run at once: when mailgun's first send fails, others to it are
+    # still in flight and succeed afterwards; they began before the mark and must not lift it.
+    clock = FakeClock()
+    vendors = fake_vendors(**{n: {"latency_s": 0.1} for n in VENDOR_NAMES})
+    mailgun = vendors[1]
+    mailgun.script.append(TransientVendorError("mailgun", "503 service unavailable"))
+    ids = await produce(settings, 40)
+    async with (
+        MailStore(settings) as store,
+        running_consumer(settings, vendors, concurrency=8, clock=clock) as consumer,
+    ):
+        found = await wait_all_status(store, ids, "sent")
+        assert not consumer.registry.is_available("mailgun")
+        mark = await vendor_mark(store, "mailgun")
+        assert mark is not None and mark["until"] == pytest.approx(clock() + COOLDOWN)
+    assert len(mailgun.sends) <= 8  # only those begun before the mark
+    [failed] = [d["attempts"][0] for d in found.values() if d["attempts"][0]["outcome"] != "sent"]
+    late = [d for d in found.values() if d["vendor"] == "mailgun"]
+    assert all(d["attempts"][0]["started_at"] <= failed["finished_at"] for d in late)
+
+
+# --- poison, redelivery -------------------------------------------------------------------
+
+
+async def test_poison_jobs_are_buried_and_the_consumer_keeps_going(settings: Settings) -> None:
+    corrupted = ObjectId()
+    async with MailStore(settings) as store:
+        await store.mails.insert_one(
+            {"_id": corrupted, "status": "queued", "rounds": 0, "attempts": [], "mail": {"to": 5}}
+        )
+        poison = await put_bodies(settings, b"hello", str(ObjectId()).encode(), str(corrupted).encode())
+        ids = await produce(settings, 20)
+        vendors = fake_vendors()
+        async with running_consumer(settings, vendors, concurrency=4):
+            await wait_all_status(store, ids, "sent")
+            await wait_until(
+                lambda: _buried(settings, len(poison)), within=10, what=f"{len(poison)} buried jobs"
+            )
+        doc = await store.mails.find_one({"_id": corrupted})
+    assert doc is not None and doc["status"] == "failed"
+    assert "corrupted" in doc["error"]
+    for job_id in poison:
+        stats = await job_stats(settings, job_id)
+        assert stats is not None and stats["state"] == "buried" and stats["buries"] == 1
+    assert sum(len(v.sends) for v in vendors) == 20
+
+
+async def _count(store: MailStore, status: str) -> int:
+    return await store.mails.count_documents({"status": {"$eq": status}})
+
+
+async def _buried(settings: Settings, n: int) -> bool:
+    counts = await tube_counts(settings)
+    return counts["buried"] == n and counts["ready"] == counts["reserved"] == 0
+
+
+async def test_redelivered_and_twin_jobs_send_nothing(settings: Settings) -> None:
+    ids = await produce(settings, 4)
+    vendors = fake_vendors()
+    async with MailStore(settings) as store, running_consumer(settings, vendors) as consumer:
+        await wait_all_status(store, ids, "sent")
+        before = await docs(store, ids)
+        # a redelivery of every sent mail, and a twin of a mail another consumer is sending
+        [twin] = await produce(settings, 1, start=50)
+        await wait_all_status(store, [twin], "sent")
+        await store.mails.update_one(
+            {"_id": ObjectId(twin)},
+            {"$set": {"status": "sending", "consumer": "other:1:x", "lease_until": time.time() + 600}},
+        )
+        await put_bodies(settings, *(i.encode() for i in [*ids, twin]))
+        await wait_until(lambda: consumer.processed == 10, what="the 5 extra jobs handled")
+        await wait_until(lambda: tube_empty(settings), what="the extra jobs deleted")
+        after = await docs(store, ids)
+        twin_doc = await store.mails.find_one({"_id": ObjectId(twin)})
+    assert sum(len(v.sends) for v in vendors) == 5
+    assert after == before
+    assert twin_doc is not None and twin_doc["status"] == "sending" and twin_doc["consumer"] == "other:1:x"
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+
+async def test_stop_lets_in_flight_deliveries_finish_within_the_grace_period(settings: Settings) -> None:
+    vendors = fake_vendors()
+    for v in vendors:
+        v.hang.clear()  # sends block until the test lets them go
+    ids = await produce(settings, 40)
+    async with MailStore(settings) as store:
+        async with running_consumer(settings, vendors, concurrency=8) as consumer:
+            await wait_until(lambda: len(consumer._inflight) == 8, what="8 deliveries in flight")
+            in_flight = {item.job.body.decode() for item in consumer._inflight.values()}
+            consumer.stop()  # no new jobs from here on ...
+            for v in vendors:
+                v.hang.set()  # ... while the 8 in flight finish
+        final = await docs(store, ids)
+    statuses = collections.Counter(d["status"] for d in final.values())
+    assert statuses == {"sent": 8, "queued": 32}
+    assert {i for i, d in final.items() if d["status"] == "sent"} == in_flight
+    assert sum(len(v.sends) for v in vendors) == 8
+    counts = await tube_counts(settings)
+    assert counts == {"ready": 32, "reserved": 0, "delayed": 0, "buried": 0}
+
+
+async def test_deliveries_still_running_after_the_grace_period_are_handed_back(
+    settings: Settings,
+) -> None:
+    settings = with_consumer(settings, grace_s=0.3)
+    vendors = fake_vendors()
+    for v in vendors:
+        v.hang.clear()  # every send blocks
+    ids = await produce(settings, 6)
+    async with MailStore(settings) as store:
+        async with running_consumer(settings, vendors, concurrency=4) as consumer:
+            await wait_until(lambda: len(consumer._inflight) == 4, what="4 deliveries in flight")
+        found = await docs(store, ids)
+        assert [d["status"] for d in found.values()].count("sending") == 0
+        assert all(d["status"] == "queued" for d in found.values())
+        counts = await tube_counts(settings)
+        assert counts["ready"] == 6 and counts["delayed"] == counts["reserved"] == 0
+        # a new consumer delivers all of them
+        for v in vendors:
+            v.hang.set()
+        async with running_consumer(settings, vendors, concurrency=4):
+            await wait_all_status(store, ids, "sent")
+
+
+# --- the process: CLI, signals, crashes ----------------------------------------------------
+
+
+def test_cli_refuses_a_concurrency_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--concurrency", "0", "--test"]) == 2
+    assert "--concurrency must be at least 1" in capsys.readouterr().err
+
+
+async def test_throughput_lines_are_printed(settings: Settings, tmp_path: Path) -> None:
+    proc = ConsumerProcess(
+        settings, tmp_path, concurrency=4, MAILER_MEASURE_THROUGHPUT="true", MAILER_THROUGHPUT_INTERVAL_S=0.2
+    )
+    try:
+        await proc.wait_started()
+        ids = await produce(settings, 50)
+        async with MailStore(settings) as store:
+            await wait_all_status(store, ids, "sent")
+        pattern = re.compile(rf"^Consumer PID:{proc.pid} Throughput: [\d.]+ ops / second$", re.M)
+        await wait_until(lambda: len(pattern.findall(proc.stdout())) >= 2, within=10, what="2 lines")
+        assert any(float(r) > 0 for r in re.findall(r"Throughput: ([\d.]+)", proc.stdout()))
+        assert await proc.stop() == 0
+    finally:
+        proc.kill()
+
+
+async def test_a_second_sigint_exits_at_once(settings: Settings, tmp_path: Path) -> None:
+    # sends take 60 s and the grace period is 60 s: only the second signal ends it quickly
+    proc = ConsumerProcess(
+        settings,
+        tmp_path,
+        concurrency=2,
+        MAILER_SIMULATION__LATENCY_MS=60_000,
+        MAILER_CONSUMER__GRACE_S=60,
+    )
+    try:
+        await proc.wait_started()
+        ids = await produce(settings, 2)
+        async with MailStore(settings) as store:
+            await wait_all_status(store, ids, "sending", within=10)
+        proc.signal(signal.SIGINT)
+        await wait_until(lambda: "SIGINT received" in proc.stderr(), within=10, what="the first SIGINT")
+        started = time.monotonic()
+        proc.signal(signal.SIGINT)
+        assert await proc.wait(within=5) == 130
+        assert time.monotonic() - started < 5
+        assert "second signal" in proc.stderr()
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
+async def test_sigterm_during_deliveries_loses_nothing(settings: Settings, tmp_path: Path) -> None:
+    ids = await produce(settings, 300)
+    first = ConsumerProcess(
+        settings, tmp_path, concurrency=20, MAILER_SIMULATION__LATENCY_MS=300, MAILER_CONSUMER__GRACE_S=10
+    )
+    async with MailStore(settings) as store:
+        try:
+            await first.wait_started()
+
+            async def some_sent() -> bool:
+                return await store.mails.count_documents({"status": "sent"}) >= 60
+
+            await wait_until(some_sent, what="60 mails sent", interval=0.05)
+            assert await store.mails.count_documents({"status": "sending"}) > 0  # mid-run
+            first.signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert await first.wait(within=15) == 0
+            assert time.monotonic() - started < 10
+        finally:
+            first.kill()
+        assert "Traceback" not in first.stderr()
+        found = await docs(store, ids)
+        statuses = collections.Counter(d["status"] for d in found.values())
+        assert statuses["sending"] == 0
+        assert set(statuses) <= {"sent", "queued", "retrying"}
+        assert 60 <= statuses["sent"] < 300
+        counts = await tube_counts(settings)
+        # every unsent mail still has its job on the tube
+        assert counts["ready"] + counts["delayed"] == 300 - statuses["sent"]
+        assert counts["reserved"] == counts["buried"] == 0
+
+        second = ConsumerProcess(settings, tmp_path, concurrency=20)
+        try:
+            await second.wait_started()
+            found = await wait_all_status(store, ids, "sent")
+            assert await second.stop() == 0
+        finally:
+            second.kill()
+    assert all(len(sent_attempts(d)) == 1 for d in found.values())  # none sent twice
+    assert await tube_empty(settings)
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_send_its_jobs_are_delivered_by_another_consumer_after_ttr(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    settings = with_beanstalkd(await make_settings(), ttr_s=2)
+    ids = await produce(settings, 40)
+    async with MailStore(settings) as store:
+        doomed = ConsumerProcess(settings, tmp_path, concurrency=10, MAILER_SIMULATION__LATENCY_MS=1500)
+        try:
+            await doomed.wait_started()
+
+            async def mid_send() -> list[Doc]:
+                found = await docs(store, ids)
+                return [d for d in found.values() if d["status"] == "sending"]
+
+            in_flight = await wait_until(mid_send, what="deliveries in flight")
+            doomed.proc.kill()
+            assert await doomed.wait(within=10) == -signal.SIGKILL
+        finally:
+            doomed.kill()
+        assert all(d["consumer"].split(":")[1] == str(doomed.pid) for d in in_flight)
+        orphaned = [str(d["_id"]) for d in (await mid_send())]
+        assert orphaned, "the killed consumer left mails in 'sending'"
+
+        # beanstalkd hands its jobs back as soon as its connections drop (at the latest
+        # after TTR); its claims on the documents run out with the TTR ...
+        async def handed_back() -> bool:
+            counts = await tube_counts(settings)
+            return counts["reserved"] == 0 and counts["ready"] == 40 - (await _count(store, "sent"))
+
+        await wait_until(handed_back, within=5, what="the killed consumer's jobs ready again")
+        # ... and then the next consumer takes them over
+        lease_end = max(d["lease_until"] for d in (await docs(store, orphaned)).values())
+        await wait_until(lambda: time.time() > lease_end, within=10, what="the lease to run out")
+        rescuer = ConsumerProcess(settings, tmp_path, concurrency=10)
+        try:
+            await rescuer.wait_started()
+            found = await wait_all_status(store, ids, "sent")
+            assert await rescuer.stop() == 0
+        finally:
+            rescuer.kill()
+    for mail_id in orphaned:
+        [attempt] = sent_attempts(found[mail_id])
+        assert f":{rescuer.pid}:" in attempt["consumer"]
+    assert all(len(sent_attempts(d)) == 1 for d in found.values())
+    assert await tube_empty(settings)
+
+
+@pytest.mark.slow
+async def test_sigkill_while_another_consumer_runs_loses_nothing(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    """The realistic case: a second consumer is already running when the first dies. The
+    dead one's jobs are ready again at once (its connections closed) while its claims on the
+    documents are still leased; the survivor must neither send them twice nor drop them."""
+    settings = with_beanstalkd(await make_settings(), ttr_s=2)
+    ids = await produce(settings, 40)
+    async with MailStore(settings) as store:
+        doomed = ConsumerProcess(settings, tmp_path, concurrency=10, MAILER_SIMULATION__LATENCY_MS=1500)
+        survivor = ConsumerProcess(
+            settings,
+            tmp_path,
+            concurrency=2,
+            MAILER_SIMULATION__LATENCY_MS=200,
+        )
+        try:
+            await doomed.wait_started()
+            await survivor.wait_started()
+
+            async def doomed_sending() -> bool:
+                return (
+                    await store.mails.count_documents(
+                        {"status": "sending", "consumer": {"$regex": f":{doomed.pid}:"}}
+                    )
+                    > 0
+                )
+
+            await wait_until(doomed_sending, what="the first consumer mid-send")
+            doomed.proc.kill()
+            assert await doomed.wait(within=10) == -signal.SIGKILL
+            found = await wait_all_status(store, ids, "sent", within=45)
+            assert await survivor.stop() == 0
+        finally:
+            doomed.kill()
+            survivor.kill()
+    assert all(len(sent_attempts(d)) == 1 for d in found.values())
+
+
+@pytest.mark.slow
+async def test_a_send_longer_than_the_ttr_is_kept_alive_and_not_redelivered(
+    make_settings: MakeSettings,
+) -> None:
+    settings = with_beanstalkd(await make_settings(), ttr_s=2)
+    slow = fake_vendors(**{n: {"latency_s": 4.0} for n in VENDOR_NAMES})
+    other = fake_vendors()
+    [mail_id] = await produce(settings, 1)
+    async with MailStore(settings) as store, running_consumer(settings, slow, concurrency=1) as first:
+        await wait_until(lambda: len(first._inflight) == 1, what="the slow send to start")
+        async with running_consumer(settings, other, concurrency=2):
+            await wait_all_status(store, [mail_id], "sent", within=15)
+    assert sum(len(v.sends) for v in slow) == 1
+    assert sum(len(v.sends) for v in other) == 0
+    assert await tube_empty(settings)
