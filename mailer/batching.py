@@ -21,7 +21,9 @@ class Batcher(Generic[T, R]):
     """``await batcher.submit(item)`` returns ``write(batch)[i]`` for that item.
 
     ``write`` gets at most ``max_batch`` items and returns one result per item, in order;
-    if it raises, every caller of that batch gets a copy made by ``on_error``.
+    if it raises, every caller of that batch gets a copy made by ``on_error``. Up to
+    ``writers`` writes may be in flight at once: more cut the wait of a caller that arrives
+    just after a write left (latency), fewer make bigger batches (less work per item).
     """
 
     def __init__(
@@ -29,27 +31,41 @@ class Batcher(Generic[T, R]):
         write: Callable[[list[T]], Awaitable[Sequence[R]]],
         *,
         max_batch: int = 200,
+        writers: int = 1,
         on_error: Callable[[BaseException], BaseException] = lambda exc: exc,
     ) -> None:
         self._write = write
         self.max_batch = max_batch
+        self.writers = writers
         self._on_error = on_error
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Counted by the writers themselves, not by task completion: a done-callback runs a
+        # loop iteration late, and an item submitted in between would wait forever.
+        self._active = 0
 
     @property
     def busy(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._active > 0
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._waiting.append((item, future))
-        if not self.busy:
-            self._task = loop.create_task(self._drain())
+        if self._active < self.writers:
+            self._active += 1
+            task = loop.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await future
 
     async def _drain(self) -> None:
+        try:
+            await self._drain_waiting()
+        finally:
+            self._active -= 1
+
+    async def _drain_waiting(self) -> None:
         while self._waiting:
             batch = self._waiting[: self.max_batch]
             del self._waiting[: self.max_batch]
@@ -66,5 +82,5 @@ class Batcher(Generic[T, R]):
 
     async def close(self, within: float | None = None) -> None:
         """Wait (at most ``within`` seconds) for the writes already accepted."""
-        if self._task is not None and not self._task.done():
-            await asyncio.wait([self._task], timeout=within)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=within)

@@ -73,9 +73,8 @@ class ConsumerSettings(_Section):
     # Periodic requeue sweep of orphaned mails; 0 switches it off.
     requeue_interval_s: float = Field(300.0, ge=0)
     requeue_older_than_s: float = Field(600.0, ge=0)
-    # Group commit of final status updates.
+    # Group commit: at most this many claims, or records, in one MongoDB write.
     commit_batch: int = Field(200, ge=1)
-    commit_interval_ms: float = Field(5.0, ge=0)
 
 
 class SimulationSettings(_Section):

@@ -28,7 +28,7 @@ from pymongo.errors import PyMongoError
 
 from mailer.beanstalk import Beanstalk, Job
 from mailer.config import Settings, load_settings
-from mailer.delivery import Committer, Delivery
+from mailer.delivery import Committer, Delivery, Ready, Settle
 from mailer.errors import BeanstalkError, ConfigError, MailerError, TimedOut
 from mailer.requeue import sweep
 from mailer.routing import Clock, VendorRegistry
@@ -70,14 +70,15 @@ class Consumer:
             refresh_s=c.registry_refresh_s,
             clock=clock,
         )
-        self.committer = Committer(self.store, batch=c.commit_batch, interval_s=c.commit_interval_ms / 1000)
+        self.committer = Committer(self.store, batch=c.commit_batch)
         self.delivery = Delivery(
             settings, self.store, self.registry, self.committer, consumer_id=self.consumer_id, clock=clock
         )
         self.meter = ThroughputMeter("Consumer", settings.throughput_interval_s)
         self.processed = 0
         self._stopping = asyncio.Event()
-        self._inflight: dict[int, _InFlight] = {}
+        self._inflight: dict[int, _InFlight] = {}  # by job id
+        self._failures: dict[int, int] = {}  # consecutive beanstalkd errors, by loop
         self._loops: list[asyncio.Task[None]] = []
         self._queues: list[Beanstalk] = []
         self._background: list[asyncio.Task[None]] = []
@@ -181,55 +182,135 @@ class Consumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
+    def _track(self, job: Job, queue: Beanstalk) -> None:
+        now = time.monotonic()
+        self._inflight[job.id] = _InFlight(job, queue, now, now)
+
+    async def _reserve(self, queue: Beanstalk, index: int) -> Job | None:
+        """The next job, or None after a timeout or a (logged, backed-off) connection error."""
+        try:
+            if not queue.connected:
+                await queue.close()
+                await self._open(queue)
+            job = await queue.reserve(self.settings.consumer.reserve_timeout_s)
+        except TimedOut:
+            self._failures[index] = 0
+            return None
+        except BeanstalkError as exc:
+            failures = self._failures[index] = self._failures.get(index, 0) + 1
+            pause = min(30.0, 0.5 * 2 ** min(failures, 6))
+            if failures == 1 or failures % 10 == 0:
+                log.warning("loop %d: beanstalkd unavailable (%s); retrying in %.1f s", index, exc, pause)
+            await queue.close()
+            await self._pause(pause)
+            return None
+        self._failures[index] = 0
+        self._track(job, queue)
+        return job
+
+    async def _prefetch(self, queue: Beanstalk) -> tuple[Job, Settle | Ready] | None:
+        """While a mail is with its vendor, reserve and claim the next one if it is ready
+        now: the claim's round trips then overlap the send instead of following it."""
+        try:
+            job = await queue.reserve(0)
+        except BeanstalkError:  # none ready (TIMED_OUT), or the connection: the main path sees it
+            return None
+        self._track(job, queue)
+        try:
+            return job, await self.delivery.prepare(job, queue)
+        except (PyMongoError, MailerError, OSError) as exc:
+            self._inflight.pop(job.id, None)
+            self._warn_settle(f"job {job.id} not claimed ({type(exc).__name__}: {exc}); released")
+            with contextlib.suppress(MailerError, OSError):
+                await queue.release(job.id, priority=self.settings.producer.default_priority, delay=1)
+            return None
+        except Exception:
+            self._inflight.pop(job.id, None)
+            await self._bury_unexpected(queue, job)
+            return None
+
+    async def _bury_unexpected(self, queue: Beanstalk, job: Job) -> None:
+        """A bug, or data no check foresaw: released, the job would come straight back and
+        fail again forever. Bury it; 'mailer kick' returns it once fixed."""
+        log.exception("unexpected error on job %s; burying it", job.id)
+        try:
+            await queue.bury(job.id)
+        except (MailerError, OSError):
+            await queue.close()
+
     async def _reserve_loop(self, index: int) -> None:
         queue = self._new_queue()
         self._queues.append(queue)
-        timeout = self.settings.consumer.reserve_timeout_s
-        failures = 0
+        ahead: tuple[Job, Settle | Ready] | None = None
         while not self.stopping:
+            prepared: Settle | Ready | None = None
+            if ahead is not None:
+                (job, prepared), ahead = ahead, None
+            else:
+                reserved = await self._reserve(queue, index)
+                if reserved is None:
+                    continue
+                job = reserved
             try:
-                if not queue.connected:
-                    await queue.close()
-                    await self._open(queue)
-                job = await queue.reserve(timeout)
-            except TimedOut:
-                failures = 0
-                continue
-            except BeanstalkError as exc:
-                failures += 1
-                pause = min(30.0, 0.5 * 2 ** min(failures, 6))
-                if failures == 1 or failures % 10 == 0:
-                    log.warning("loop %d: beanstalkd unavailable (%s); retrying in %.1f s", index, exc, pause)
-                await queue.close()
-                await self._pause(pause)
-                continue
-            failures = 0
-            now = time.monotonic()
-            self._inflight[index] = _InFlight(job, queue, now, now)
-            try:
-                await self.delivery.handle(job, queue)
+                if prepared is None:
+                    prepared = await self.delivery.prepare(job, queue)
+                if isinstance(prepared, Ready):
+                    sending = asyncio.ensure_future(self.delivery.deliver(prepared))
+                    try:
+                        if not self.stopping:
+                            ahead = await self._prefetch(queue)
+                    except asyncio.CancelledError:
+                        sending.cancel()
+                        raise
+                    settle = await sending
+                else:
+                    settle = prepared
+                await self.delivery.settle(job, queue, settle)
                 self.processed += 1
                 self.meter.add()
             except (PyMongoError, MailerError, OSError) as exc:
-                # MongoDB away, or the job vanished: leave the job to beanstalkd (TTR, or the
-                # closed connection) rather than guess; nothing is deleted unrecorded.
+                # MongoDB away, or the job vanished: leave the jobs to beanstalkd (the closed
+                # connection releases them; a live claim makes them wait out its lease)
+                # rather than guess; nothing is deleted unrecorded.
                 self._warn_settle(f"job {job.id} not settled ({type(exc).__name__}: {exc}); pausing")
+                if ahead is not None:
+                    await self._drop_claim(*ahead)
+                    ahead = None
                 await queue.close()
                 await self._pause(1.0)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                # A bug, or data no check foresaw: released, the job would come straight back
-                # and fail again forever. Bury it; 'mailer kick' returns it once fixed.
-                log.exception("loop %d: unexpected error on job %s; burying it", index, job.id)
-                try:
-                    await queue.bury(job.id)
-                except (MailerError, OSError):
-                    await queue.close()
+                await self._bury_unexpected(queue, job)
                 await self._pause(1.0)
             finally:
-                self._inflight.pop(index, None)
+                self._inflight.pop(job.id, None)
+        if ahead is not None:
+            await self._put_back(queue, *ahead)
         await queue.close()
+
+    async def _drop_claim(self, job: Job, prepared: Settle | Ready) -> None:
+        """Give up a prefetched job after a failure: its mail goes back to ``queued`` (so the
+        requeue sweep finds it at once if beanstalkd lost the job); the job itself is
+        released when its connection closes."""
+        self._inflight.pop(job.id, None)
+        if isinstance(prepared, Ready):
+            try:
+                await self.store.release_claim(prepared.oid)
+            except PyMongoError as exc:  # the lease runs out with the TTR instead
+                log.warning("could not release the claim on mail %s: %s", prepared.oid, type(exc).__name__)
+
+    async def _put_back(self, queue: Beanstalk, job: Job, prepared: Settle | Ready) -> None:
+        """On stop, a prefetched job: settle it if that needs no send, else hand it back."""
+        try:
+            if isinstance(prepared, Ready):
+                await self._hand_back([self._inflight[job.id]])
+            else:
+                await self.delivery.settle(job, queue, prepared)
+        except (MailerError, PyMongoError, OSError) as exc:
+            log.warning("could not put back job %s: %s", job.id, exc)
+        finally:
+            self._inflight.pop(job.id, None)
 
     async def _sweep_loop(self) -> None:
         """The reconciler, run every ``requeue_interval_s`` (first soon after start, so a

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -57,6 +58,7 @@ class ClaimState(Enum):
     MISSING = "missing"  # no such document: a poison job
     DONE = "done"  # already sent or failed: a redelivery, send nothing
     BUSY = "busy"  # another consumer holds a live lease: a twin job
+    ERROR = "error"  # this document could not be judged (``error`` says why); the batch goes on
     CORRUPT = "corrupt"  # a status mailer never writes (or none): a poison job
 
 
@@ -64,6 +66,7 @@ class ClaimState(Enum):
 class Claim:
     state: ClaimState
     doc: Doc | None = None
+    error: Exception | None = None
 
     @property
     def email(self) -> Email:
@@ -82,7 +85,23 @@ class Finish:
     message_id: str | None = None
     error: str | None = None
     next_attempt_ts: float | None = None
+    job_id: int | None = None
+    # The claimer: a retry or failure is only written while it still holds the claim (if its
+    # lease was taken over, the new holder's outcome stands). A send is always written.
+    consumer: str | None = None
     extra: Doc = field(default_factory=dict)
+
+
+def _claim_update(consumer: str, lease_s: float, *, job_id: int | None = None, token: str = "") -> Doc:
+    fields: Doc = {
+        "status": Status.SENDING.value,
+        "consumer": consumer,
+        "claim": token,
+        "lease_until": time.time() + lease_s,
+    }
+    if job_id is not None:
+        fields["job_id"] = job_id
+    return {"$set": fields, "$inc": {"rounds": 1}, "$currentDate": {"updated_at": True}}
 
 
 def attempt_doc(attempt: Attempt) -> Doc:
@@ -261,23 +280,73 @@ class MailStore:
         again, to tell why or to take over an expired lease. (The two cases are separate
         queries, not one ``$or``: nx-27017 answers an ``$or`` with a collection scan.)
         """
-        now = time.time()
-        update: Doc = {
-            "$set": {
-                "status": Status.SENDING.value,
-                "job_id": job_id,
-                "consumer": consumer,
-                "lease_until": now + lease_s,
-            },
-            "$inc": {"rounds": 1},
-            "$currentDate": {"updated_at": True},
-        }
         doc = await self.mails.find_one_and_update(
-            {"_id": oid, "status": {"$in": _CLAIMABLE}}, update, return_document=ReturnDocument.AFTER
+            {"_id": oid, "status": {"$in": _CLAIMABLE}},
+            _claim_update(consumer, lease_s, job_id=job_id),
+            return_document=ReturnDocument.AFTER,
         )
         if doc is not None:
             return Claim(ClaimState.CLAIMED, doc)
         current = await self.mails.find_one({"_id": oid}, {"status": 1, "lease_until": 1, "job_id": 1})
+        return await self._explain(oid, current, job_id=job_id, consumer=consumer, lease_s=lease_s)
+
+    async def _take_over(self, oid: ObjectId, *, job_id: int, consumer: str, lease_s: float) -> Claim:
+        """Claim a mail whose consumer died: its lease ran out while it was ``sending``."""
+        doc = await self.mails.find_one_and_update(
+            {"_id": oid, "status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": time.time()}},
+            _claim_update(consumer, lease_s, job_id=job_id),
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return Claim(ClaimState.CLAIMED, doc)
+        # Someone else changed it meanwhile: look again.
+        return await self.claim(oid, job_id=job_id, consumer=consumer, lease_s=lease_s)
+
+    async def claim_many(
+        self, requests: Sequence[tuple[ObjectId, int]], *, consumer: str, lease_s: float
+    ) -> list[Claim]:
+        """Claim many mails in two round trips: one ``update_many`` and one ``find``.
+
+        Per request ``(mail id, job id)`` the same answer as :meth:`claim`. The update stamps
+        a token unique to this call, so each document tells by itself whether this call won
+        it (the update is atomic per document, like a ``find_one_and_update``). The job id is
+        written with the delivery's record instead (one value per document does not fit one
+        ``update_many``). A second job for the same mail in the same batch is a twin.
+        """
+        if not requests:
+            return []
+        token = uuid.uuid4().hex
+        oids = list({oid: None for oid, _ in requests})
+        await self.mails.update_many(
+            {"_id": {"$in": oids}, "status": {"$in": _CLAIMABLE}},
+            _claim_update(consumer, lease_s, token=token),
+        )
+        found = {doc["_id"]: doc async for doc in self.mails.find({"_id": {"$in": oids}})}
+        claims: list[Claim] = []
+        won: set[ObjectId] = set()
+        for oid, job_id in requests:
+            doc = found.get(oid)
+            if doc is not None and doc.get("claim") == token and oid not in won:
+                won.add(oid)
+                doc["job_id"] = job_id
+                claims.append(Claim(ClaimState.CLAIMED, doc))
+            elif doc is not None and oid in won:
+                claims.append(Claim(ClaimState.BUSY, doc))
+            else:
+                try:
+                    claims.append(
+                        await self._explain(oid, doc, job_id=job_id, consumer=consumer, lease_s=lease_s)
+                    )
+                except PyMongoError:
+                    raise
+                except Exception as exc:  # this document's own problem: not the whole batch's
+                    claims.append(Claim(ClaimState.ERROR, doc, error=exc))
+        return claims
+
+    async def _explain(
+        self, oid: ObjectId, current: Doc | None, *, job_id: int, consumer: str, lease_s: float
+    ) -> Claim:
+        """Why a mail could not be claimed, taking over an expired lease on the way."""
         if current is None:
             return Claim(ClaimState.MISSING)
         status = current.get("status")
@@ -285,15 +354,8 @@ class MailStore:
             return Claim(ClaimState.DONE, current)
         if status not in _CLAIMABLE and status != Status.SENDING.value:
             return Claim(ClaimState.CORRUPT, current)
-        if status == Status.SENDING.value and float(current.get("lease_until", 0)) < now:
-            doc = await self.mails.find_one_and_update(
-                {"_id": oid, "status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": now}},
-                update,
-                return_document=ReturnDocument.AFTER,
-            )
-            if doc is not None:
-                return Claim(ClaimState.CLAIMED, doc)
-            return await self.claim(oid, job_id=job_id, consumer=consumer, lease_s=lease_s)
+        if status == Status.SENDING.value and float(current.get("lease_until", 0)) < time.time():
+            return await self._take_over(oid, job_id=job_id, consumer=consumer, lease_s=lease_s)
         return Claim(ClaimState.BUSY, current)
 
     async def extend_lease(self, oid: ObjectId, consumer: str, lease_s: float) -> None:
@@ -330,7 +392,13 @@ class MailStore:
             dates["sent_at"] = True
         if f.next_attempt_ts is not None:
             fields["next_attempt_ts"] = f.next_attempt_ts
-        return UpdateOne({"_id": ObjectId(f.mail_id)}, {"$set": fields, "$currentDate": dates})
+        if f.job_id is not None:
+            fields["job_id"] = f.job_id
+        where: Doc = {"_id": ObjectId(f.mail_id)}
+        if f.consumer is not None and f.status is not Status.SENT:
+            where["consumer"] = {"$eq": f.consumer}
+            where["status"] = {"$eq": Status.SENDING.value}
+        return UpdateOne(where, {"$set": fields, "$currentDate": dates})
 
     async def finish_many(self, finishes: Iterable[Finish]) -> None:
         """Write many delivery results in one ``bulk_write`` (the consumer's group commit)."""
