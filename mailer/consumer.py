@@ -79,6 +79,7 @@ class Consumer:
         self._stopping = asyncio.Event()
         self._inflight: dict[int, _InFlight] = {}  # by job id
         self._failures: dict[int, int] = {}  # consecutive beanstalkd errors, by loop
+        self._detached: set[asyncio.Future[Settle]] = set()  # sends whose loop hit an error
         self._loops: list[asyncio.Task[None]] = []
         self._queues: list[Beanstalk] = []
         self._background: list[asyncio.Task[None]] = []
@@ -239,11 +240,16 @@ class Consumer:
             await queue.close()
 
     async def _reserve_loop(self, index: int) -> None:
+        """Reserve, claim, send, record, settle; one send at a time per loop, but the next
+        mail is reserved and claimed while the current one is with its vendor, and its send
+        starts while the current one's record is being written."""
         queue = self._new_queue()
         self._queues.append(queue)
         ahead: tuple[Job, Settle | Ready] | None = None
-        while not self.stopping:
+        started: asyncio.Future[Settle] | None = None  # ahead's send, already begun
+        while not self.stopping or started is not None:
             prepared: Settle | Ready | None = None
+            sending, started = started, None
             if ahead is not None:
                 (job, prepared), ahead = ahead, None
             else:
@@ -252,10 +258,12 @@ class Consumer:
                     continue
                 job = reserved
             try:
-                if prepared is None:
-                    prepared = await self.delivery.prepare(job, queue)
-                if isinstance(prepared, Ready):
-                    sending = asyncio.ensure_future(self.delivery.deliver(prepared))
+                if sending is None:
+                    if prepared is None:
+                        prepared = await self.delivery.prepare(job, queue)
+                    if isinstance(prepared, Ready):
+                        sending = asyncio.ensure_future(self.delivery.deliver(prepared))
+                if sending is not None:
                     try:
                         if not self.stopping:
                             ahead = await self._prefetch(queue)
@@ -264,7 +272,15 @@ class Consumer:
                         raise
                     settle = await sending
                 else:
+                    assert isinstance(prepared, Settle)
                     settle = prepared
+                if (
+                    settle.recording is not None
+                    and ahead is not None
+                    and isinstance(ahead[1], Ready)
+                    and not self.stopping
+                ):
+                    started = asyncio.ensure_future(self.delivery.deliver(ahead[1]))
                 await self.delivery.settle(job, queue, settle)
                 self.processed += 1
                 self.meter.add()
@@ -273,9 +289,16 @@ class Consumer:
                 # connection releases them; a live claim makes them wait out its lease)
                 # rather than guess; nothing is deleted unrecorded.
                 self._warn_settle(f"job {job.id} not settled ({type(exc).__name__}: {exc}); pausing")
-                if ahead is not None:
+                if started is not None and ahead is not None:
+                    # Already with its vendor: it finishes and records itself; its job comes
+                    # back (the connection closes) and then finds the mail finished.
+                    self._inflight.pop(ahead[0].id, None)
+                    self._detached.add(started)
+                    started.add_done_callback(self._detached.discard)
+                    started = None
+                elif ahead is not None:
                     await self._drop_claim(*ahead)
-                    ahead = None
+                ahead = None
                 await queue.close()
                 await self._pause(1.0)
             except asyncio.CancelledError:

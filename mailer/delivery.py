@@ -47,6 +47,9 @@ class Settle:
     delay: int = 0
     reason: str = ""
     priority: int = 1024
+    # A sent mail's record, still being written: the job is settled only once it is done,
+    # but the loop may start its next send meanwhile.
+    recording: asyncio.Future[None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +149,8 @@ class Delivery:
 
     async def settle(self, job: Job, queue: Beanstalk, settle: Settle) -> None:
         """Delete, release or bury the job: only after its record was acknowledged."""
+        if settle.recording is not None:
+            await asyncio.shield(settle.recording)
         if settle.action is Action.DELETE:
             await queue.delete(job.id)
         elif settle.action is Action.RELEASE:
@@ -261,14 +266,15 @@ class Delivery:
                 continue
             self.registry.succeeded(vendor)
             attempts.append(self._attempt(vendor.name, started, "sent", job, message_id=result.message_id))
-            # Sent: from here on nothing may cancel the record, or the mail would go twice.
-            await asyncio.shield(
+            # Sent: from here on nothing may cancel the record, or the mail would go twice. It
+            # is written in a task of its own; ``settle`` waits for it before the delete.
+            recording = asyncio.ensure_future(
                 self._commit(
                     job,
                     Finish(mail_id, Status.SENT, attempts, vendor=vendor.name, message_id=result.message_id),
                 )
             )
-            return Settle(Action.DELETE, reason="sent")
+            return Settle(Action.DELETE, reason="sent", recording=recording)
         priority = int(doc.get("priority", self.settings.producer.default_priority))
         return await self._retry_later(job, mail_id, attempts, rounds, tried, priority)
 

@@ -438,3 +438,104 @@ def test_to_record_of_a_new_document() -> None:
     assert record.status is Status.QUEUED and record.email == email
     assert record.created_at == record.updated_at == doc["created_at"]
     assert record.created_at.tzinfo is not None
+
+
+# --- batched claims (update_many + find): conformance on nx-27017 and MongoDB -----------------
+
+
+async def test_claim_many_claims_each_claimable_mail_once_and_explains_the_rest(store: MailStore) -> None:
+    ids = [ObjectId(await insert(store, simple_mail(i))) for i in range(5)]
+    done, gone = ids[3], ObjectId()
+    await store.finish_many([Finish(str(done), Status.SENT, [], vendor="v", message_id="m")])
+    leased = ids[4]
+    await store.mails.update_one(
+        {"_id": leased},
+        {"$set": {"status": "sending", "consumer": "other", "lease_until": time.time() + 600}},
+    )
+    requests = [(ids[0], 10), (ids[1], 11), (ids[0], 12), (done, 13), (gone, 14), (leased, 15), (ids[2], 16)]
+    claims = await store.claim_many(requests, consumer="me", lease_s=60)
+    states = [c.state for c in claims]
+    assert states == [
+        ClaimState.CLAIMED,
+        ClaimState.CLAIMED,
+        ClaimState.BUSY,  # a second job for the same mail in the same batch is a twin
+        ClaimState.DONE,
+        ClaimState.MISSING,
+        ClaimState.BUSY,
+        ClaimState.CLAIMED,
+    ]
+    for claim, (_, job_id) in zip(claims, requests, strict=True):
+        if claim.state is ClaimState.CLAIMED:
+            assert claim.doc is not None and claim.doc["job_id"] == job_id and claim.doc["rounds"] == 1
+            assert claim.email.subject.startswith("s")
+    for oid in (ids[0], ids[1], ids[2]):
+        raw = await store.mails.find_one({"_id": oid})
+        assert (
+            raw is not None and raw["status"] == "sending" and raw["consumer"] == "me" and raw["rounds"] == 1
+        )
+        assert raw["lease_until"] > time.time() + 50 and isinstance(raw["updated_at"], dt.datetime)
+    # a second batch claims nothing more
+    again = await store.claim_many([(ids[0], 20), (ids[1], 21)], consumer="you", lease_s=60)
+    assert [c.state for c in again] == [ClaimState.BUSY, ClaimState.BUSY]
+
+
+async def test_claim_many_takes_over_expired_leases(store: MailStore) -> None:
+    oid = ObjectId(await insert(store, simple_mail()))
+    [first] = await store.claim_many([(oid, 1)], consumer="dead", lease_s=-1)
+    assert first.state is ClaimState.CLAIMED
+    [taken] = await store.claim_many([(oid, 2)], consumer="alive", lease_s=60)
+    assert taken.state is ClaimState.CLAIMED and taken.doc is not None and taken.doc["rounds"] == 2
+    raw = await store.mails.find_one({"_id": oid})
+    assert raw is not None and raw["consumer"] == "alive"
+
+
+async def test_concurrent_claim_many_never_claims_a_mail_twice(store: MailStore) -> None:
+    ids = [ObjectId(await insert(store, simple_mail(i))) for i in range(60)]
+    batches = [[(oid, n * 100 + i) for i, oid in enumerate(ids)] for n in range(4)]
+    results = await asyncio.gather(
+        *(store.claim_many(batch, consumer=f"c{n}", lease_s=60) for n, batch in enumerate(batches))
+    )
+    won = [
+        oid
+        for claims, batch in zip(results, batches, strict=True)
+        for c, (oid, _) in zip(claims, batch, strict=True)
+        if c.state is ClaimState.CLAIMED
+    ]
+    assert sorted(won) == sorted(ids)
+
+
+async def test_a_bad_document_does_not_fail_the_whole_claim_batch(store: MailStore) -> None:
+    good = ObjectId(await insert(store, simple_mail(1)))
+    bad = ObjectId(await insert(store, simple_mail(2)))
+    await store.mails.update_one({"_id": bad}, {"$set": {"status": "sending", "lease_until": "soon"}})
+    claims = await store.claim_many([(bad, 1), (good, 2)], consumer="me", lease_s=60)
+    assert claims[0].state is ClaimState.ERROR and isinstance(claims[0].error, ValueError)
+    assert claims[1].state is ClaimState.CLAIMED
+
+
+async def test_extend_leases_extends_only_this_consumers_claims(store: MailStore) -> None:
+    mine = [ObjectId(await insert(store, simple_mail(i))) for i in range(3)]
+    theirs = ObjectId(await insert(store, simple_mail(9)))
+    await store.claim_many([(oid, i) for i, oid in enumerate(mine)], consumer="me", lease_s=5)
+    await store.claim_many([(theirs, 9)], consumer="them", lease_s=5)
+    await store.extend_leases([*mine, theirs], "me", 600)
+    for oid in mine:
+        raw = await store.mails.find_one({"_id": oid})
+        assert raw is not None and raw["lease_until"] > time.time() + 500
+    raw = await store.mails.find_one({"_id": theirs})
+    assert raw is not None and raw["lease_until"] < time.time() + 10
+
+
+async def test_a_retry_record_is_not_written_over_a_claim_taken_over_by_another_consumer(
+    store: MailStore,
+) -> None:
+    oid = ObjectId(await insert(store, simple_mail()))
+    await store.claim_many([(oid, 1)], consumer="slow", lease_s=-1)
+    await store.claim_many([(oid, 2)], consumer="new", lease_s=60)
+    await store.finish_many([Finish(str(oid), Status.RETRYING, [], error="late", consumer="slow", job_id=1)])
+    raw = await store.mails.find_one({"_id": oid})
+    assert raw is not None and raw["status"] == "sending" and raw["consumer"] == "new"
+    # ... but a send always is: it happened.
+    await store.finish_many([Finish(str(oid), Status.SENT, [], vendor="v", message_id="m", consumer="slow")])
+    raw = await store.mails.find_one({"_id": oid})
+    assert raw is not None and raw["status"] == "sent"
