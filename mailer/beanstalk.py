@@ -23,8 +23,6 @@ import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 from mailer.errors import (
     SERVER_ERRORS,
@@ -34,6 +32,7 @@ from mailer.errors import (
     BeanstalkTimeoutError,
     TimedOut,
 )
+from mailer.lifecycle import AsyncResource
 
 DEFAULT_PRIORITY = 1024
 _BODY_REPLIES = frozenset({b"RESERVED", b"FOUND", b"OK"})
@@ -57,7 +56,7 @@ class _Pending:
         self.deadline = deadline
 
 
-class Beanstalk:
+class Beanstalk(AsyncResource):
     """One beanstalkd connection, safe to share between tasks.
 
     >>> async with Beanstalk("127.0.0.1", 11300) as bs:
@@ -140,15 +139,6 @@ class Beanstalk:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     # --- the pipeline ------------------------------------------------------------------
 

@@ -20,8 +20,7 @@ import time
 import uuid
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from bson import ObjectId
 from pymongo.errors import PyMongoError
@@ -30,6 +29,7 @@ from mailer.beanstalk import Beanstalk, Job
 from mailer.config import Settings, load_settings
 from mailer.delivery import Committer, Delivery, Ready, Settle
 from mailer.errors import BeanstalkError, ConfigError, MailerError, TimedOut
+from mailer.lifecycle import AsyncResource
 from mailer.requeue import sweep
 from mailer.routing import Clock, VendorRegistry
 from mailer.store import MailStore, parse_mail_id
@@ -47,7 +47,7 @@ class _InFlight:
     touched: float
 
 
-class Consumer:
+class Consumer(AsyncResource):
     """``async with Consumer(settings) as c: await c.run()``; ``c.stop()`` ends it."""
 
     def __init__(
@@ -110,15 +110,6 @@ class Consumer:
             await queue.close()
         await self.registry.close()
         await self.store.close()
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     def stop(self) -> None:
         """Stop reserving; ``run`` then drains in-flight work within the grace period."""

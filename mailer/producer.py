@@ -12,8 +12,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from mailer.batching import Batcher
 from mailer.beanstalk import Beanstalk
@@ -29,6 +28,7 @@ from mailer.errors import (
     ProducerClosedError,
     StoreError,
 )
+from mailer.lifecycle import AsyncResource
 from mailer.models import Email, MailRecord, parse_email
 from mailer.store import Doc, MailStore
 from mailer.throughput import ThroughputMeter
@@ -55,7 +55,7 @@ def _copy_error(exc: BaseException) -> MailerError:
     return StoreError(f"the write failed ({type(exc).__name__}: {exc}); the mail may not be stored")
 
 
-class Producer:
+class Producer(AsyncResource):
     """Validates, stores and queues mails. Safe to share between many tasks.
 
     >>> async with Producer() as producer:
@@ -107,15 +107,6 @@ class Producer:
         await self.store.close()
 
     close = quit
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.quit()
 
     def _require(self) -> None:
         if not self._connected:

@@ -20,8 +20,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from bson import ObjectId
 from bson.errors import InvalidId
@@ -31,6 +30,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from mailer.config import Settings
 from mailer.errors import MailNotFound, StoreError
+from mailer.lifecycle import AsyncResource
 from mailer.models import Attempt, Email, MailRecord, Status
 
 Doc = dict[str, Any]
@@ -108,7 +108,7 @@ def attempt_doc(attempt: Attempt) -> Doc:
     return attempt.model_dump(exclude_none=True)
 
 
-class MailStore:
+class MailStore(AsyncResource):
     """The mails collection and the small vendor-status collection.
 
     One instance per process; its ``AsyncMongoClient`` pools connections for every task.
@@ -164,15 +164,6 @@ class MailStore:
             await self._client.close()
             self._client = None
         self._mails = self._vendors = None
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     @property
     def mails(self) -> AsyncCollection[Doc]:

@@ -8,7 +8,9 @@ import collections
 import contextlib
 import inspect
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from bson import ObjectId
 
 from mailer.beanstalk import Beanstalk, Job
@@ -340,3 +343,44 @@ async def delivery_rig(
         await queue.watch(b.tube)
         await queue.ignore("default")
         yield DeliveryRig(consumer, queue, vendors)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OwnBeanstalkd:
+    """A second beanstalkd on a free port with its own binlog; always killed at the end."""
+
+    def __init__(self, binlog: Path) -> None:
+        self.binlog = binlog
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("beanstalkd")
+        if exe is None:
+            pytest.skip("beanstalkd is not installed")
+        self.proc = subprocess.Popen(
+            [exe, "-l", "127.0.0.1", "-p", str(self.port), "-b", str(self.binlog)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"beanstalkd on port {self.port} exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"beanstalkd on port {self.port} did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None

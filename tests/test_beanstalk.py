@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import OwnBeanstalkd, free_port
 
 from mailer.beanstalk import Beanstalk, Job, _parse_dict, _parse_list
 from mailer.config import Settings
@@ -446,12 +444,6 @@ async def test_garbage_reply_is_a_protocol_error() -> None:
         server.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_connect_refused_is_a_clear_error() -> None:
     port = free_port()
     client = Beanstalk("127.0.0.1", port, connect_timeout=2)
@@ -462,41 +454,6 @@ async def test_connect_refused_is_a_clear_error() -> None:
 
 
 # --- a server restart, on a beanstalkd of our own ----------------------------------------
-
-
-class OwnBeanstalkd:
-    """A second beanstalkd on a free port with its own binlog; always killed at the end."""
-
-    def __init__(self, binlog: Path) -> None:
-        self.binlog = binlog
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("beanstalkd")
-        if exe is None:
-            pytest.skip("beanstalkd is not installed")
-        self.proc = subprocess.Popen(
-            [exe, "-l", "127.0.0.1", "-p", str(self.port), "-b", str(self.binlog)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"beanstalkd on port {self.port} exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"beanstalkd on port {self.port} did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
 
 
 @pytest.fixture

@@ -6,9 +6,6 @@ import asyncio
 import datetime as dt
 import os
 import re
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,6 +13,7 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
+from helpers import OwnBeanstalkd
 
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings
@@ -306,45 +304,6 @@ async def test_producer_on_unreachable_mongodb_fails_connect(settings: Settings)
 
 
 # --- beanstalkd down at send time ----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OwnBeanstalkd:
-    def __init__(self, binlog: Path) -> None:
-        self.binlog = binlog
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("beanstalkd")
-        if exe is None:
-            pytest.skip("beanstalkd is not installed")
-        self.proc = subprocess.Popen(
-            [exe, "-l", "127.0.0.1", "-p", str(self.port), "-b", str(self.binlog)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"beanstalkd on port {self.port} exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"beanstalkd on port {self.port} did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ import datetime as dt
 import json
 import math
 from email.utils import parsedate_to_datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
 from mailer.errors import PermanentVendorError, TransientVendorError, VendorAuthError, VendorError
+from mailer.lifecycle import AsyncResource
 
 MAX_DETAIL = 300
 
@@ -90,7 +90,7 @@ def _json_or_none(response: httpx.Response) -> Any:
         return None
 
 
-class HttpVendor:
+class HttpVendor(AsyncResource):
     """Base for an adapter over one long-lived ``httpx.AsyncClient``.
 
     One client per adapter keeps TLS connections alive across sends (a new client per mail
@@ -151,15 +151,6 @@ class HttpVendor:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     # --- requests ----------------------------------------------------------------------
 

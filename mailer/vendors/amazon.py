@@ -17,8 +17,7 @@ import re
 import socket
 from contextlib import AsyncExitStack
 from email.utils import formataddr
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import aioboto3
 import aiohttp
@@ -48,6 +47,7 @@ from mailer.errors import (
     VendorConfigError,
     VendorError,
 )
+from mailer.lifecycle import AsyncResource
 from mailer.models import MAIL_ID_HEADER, Address, Email
 from mailer.vendors.base import SendResult
 from mailer.vendors.mime import ascii_addr_spec, build_message, message_bytes
@@ -147,7 +147,7 @@ def _tag_value(value: Any) -> str | None:
     return None
 
 
-class AmazonVendor:
+class AmazonVendor(AsyncResource):
     """Sends through SES v2 ``SendEmail``; create once, ``connect`` once, reuse for every mail."""
 
     def __init__(self, settings: AmazonSettings, name: str = "amazon") -> None:
@@ -170,18 +170,6 @@ class AmazonVendor:
     def __repr__(self) -> str:
         endpoint = f", endpoint_url={self._settings.endpoint_url!r}" if self._settings.endpoint_url else ""
         return f"AmazonVendor(name={self.name!r}, region={self._settings.region!r}{endpoint})"
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def connect(self) -> None:
         """Create the one SES client (no network traffic; credentials resolve here)."""

@@ -28,8 +28,6 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 import aiosmtplib
 from aiosmtplib import (
@@ -54,6 +52,7 @@ from mailer.errors import (
     VendorConfigError,
     VendorError,
 )
+from mailer.lifecycle import AsyncResource
 from mailer.models import Email
 from mailer.vendors.base import SendResult
 from mailer.vendors.mime import (
@@ -94,7 +93,7 @@ def _reason(text: str) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
-class SmtpVendor:
+class SmtpVendor(AsyncResource):
     """Delivers through one SMTP server; create once and share, it pools its own connections."""
 
     def __init__(self, settings: SmtpSettings, name: str = "smtp", *, max_connections: int = 4) -> None:
@@ -113,18 +112,6 @@ class SmtpVendor:
         s = self._settings
         user = f", username={s.username!r}" if s.username else ""
         return f"SmtpVendor(name={self.name!r}, host={s.host!r}, port={s.port}{user})"
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def connect(self) -> None:
         """Resolve our EHLO name once; sockets open lazily (see the module docstring)."""
