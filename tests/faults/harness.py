@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +41,6 @@ from pymongo import MongoClient
 
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings
-from mailer.consumer import Consumer
 from mailer.errors import EnqueueError, NotFound, StoreError
 from mailer.producer import Producer
 from mailer.store import MailStore
@@ -402,27 +401,6 @@ async def run_cli(
     out, err = await asyncio.wait_for(proc.communicate(), within)
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-@contextlib.asynccontextmanager
-async def consumer_task(
-    settings: Settings, vendors: Sequence[Any], *, concurrency: int, clock: Callable[[], float] | None = None
-) -> AsyncIterator[Consumer]:
-    """An in-process Consumer (FakeVendors, HTTP adapters) running as a task; stopped on exit."""
-    kwargs: dict[str, Any] = {"concurrency": concurrency, "vendors": vendors}
-    if clock is not None:
-        kwargs["clock"] = clock
-    async with Consumer(settings, **kwargs) as consumer:
-        task = asyncio.create_task(consumer.run())
-        try:
-            yield consumer
-        finally:
-            consumer.stop()
-            try:
-                await asyncio.wait_for(task, settings.consumer.grace_s + 15)
-            except BaseException:
-                task.cancel()
-                raise
 
 
 # --- producing --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import collections
 import time
 
 import pytest
+from helpers import running_consumer
 from vendors.http_doubles import MAILGUN_DOMAIN, MAILGUN_KEY, Hang, MailgunDouble
 
 from mailer.config import MailgunSettings
@@ -20,7 +21,6 @@ from .harness import (
     Feeder,
     ScenarioSettings,
     assert_clean,
-    consumer_task,
     record,
     tally,
     wait_settled,
@@ -61,7 +61,7 @@ async def test_one_vendor_down_then_all_then_back(make_scenario: ScenarioSetting
     vendors = [FakeVendor(n, latency_s=0.2) for n in NAMES]
     mailgun = vendors[1]
     began = time.monotonic()
-    async with MailStore(settings) as store, consumer_task(settings, vendors, concurrency=20):
+    async with MailStore(settings) as store, running_consumer(settings, vendors, concurrency=20):
         # 1. mailgun down: its mails fail over, the other three share the load.
         mailgun.default = down("mailgun")
         first = Feeder(settings, "v1")
@@ -139,7 +139,7 @@ async def test_vendor_that_hangs(make_scenario: ScenarioSettings) -> None:
     n = 40
     began = time.monotonic()
     try:
-        async with MailStore(settings) as store, consumer_task(settings, vendors, concurrency=10):
+        async with MailStore(settings) as store, running_consumer(settings, vendors, concurrency=10):
             feeder = Feeder(settings, "hang")
             await feeder.run(n, batch=n)
             settled = await wait_settled(store, n, within=30, what="(mailgun hangs)")
