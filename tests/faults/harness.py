@@ -20,7 +20,6 @@ import collections
 import contextlib
 import ctypes
 import datetime as dt
-import inspect
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bson import ObjectId
+from helpers import wait_until as _wait_until
 from pydantic import BaseModel, SecretStr
 from pymongo import MongoClient
 
@@ -86,17 +86,8 @@ async def wait_until(
     interval: float = 0.1,
     what: str = "the condition",
 ) -> T:
-    """Poll ``condition`` (sync or async) until truthy; AssertionError after ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:.0f} s waiting for {what} (last: {result!r})")
-        await asyncio.sleep(interval)
+    """``helpers.wait_until`` with a coarser poll: fault scenarios watch slower processes."""
+    return await _wait_until(condition, within=within, interval=interval, what=what)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
