@@ -230,5 +230,15 @@ class VendorAuthError(VendorError):
     """The vendor refused our credentials or account (401/403, paused): fix the config."""
 
 
+class UnsupportedByVendor(VendorError):
+    """This vendor cannot carry this mail as it is (more tags than it takes, several reply-to
+    addresses, a reserved metadata key), found before any request was made.
+
+    Neither the mail's fault nor the vendor's (cf. django-anymail's
+    ``AnymailUnsupportedFeature``): delivery moves on to the next vendor without marking this
+    one, and fails the mail only when no enabled vendor can carry it.
+    """
+
+
 class VendorConfigError(MailerError):
     """A vendor section in the configuration is incomplete or a vendor name is unknown."""
