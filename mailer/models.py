@@ -1,8 +1,9 @@
 """The e-mail model (what applications send) and the stored record (what MongoDB holds).
 
 Validation happens here, at the edge, so that nothing malformed is ever stored or queued
-and every vendor adapter can trust what it is given: addresses are syntax-checked (no DNS),
-header-bound fields cannot carry CR/LF (header injection), and the total size is capped.
+and every vendor adapter can carry what it is given: addresses are syntax-checked (no DNS),
+header-bound fields carry no line breaks or control characters (header injection, and the
+MIME builder refuses them), and the cap counts the mail's encoded size on the wire.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import functools
 import json
 import math
 import re
-from email.headerregistry import Address as HeaderAddress
 from email.utils import getaddresses
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,12 +35,23 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mailer.errors import EmailValidationError
 
-MAX_EMAIL_BYTES = 10 * 1024 * 1024
+# A default postfix refuses messages over 10,240,000 bytes (message_size_limit) as they
+# arrive on the wire; the margin is for the trace and signature headers relays add.
+MAX_EMAIL_BYTES = 10_000_000
 # The lowest common per-message recipient limit of the supported vendors (SES: 50), so a
 # mail accepted here can go out through any of them during failover.
 MAX_RECIPIENTS = 50
 MAX_DELAY_S = 2**32 - 1
-_CRLF = re.compile(r"[\r\n]")
+# Every character str.splitlines() breaks on (the MIME builder refuses them all), NUL (a
+# real postfix cut "a\x00b" to "a") and the other C0/C1 controls; tab stays allowed.
+_HEADER_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# Nothing in a mail nests deeper than this (attachments[0].content); deeper input is refused
+# before anything walks it, so no check can hit the recursion limit.
+MAX_NESTING = 8
+METADATA_HEADER = "X-Mailer-Metadata"
+# One header line is at most 998 characters (RFC 5322 2.1.1); the metadata header is
+# not folded (its JSON has no whitespace to fold at), so it must fit on one.
+MAX_METADATA_JSON = 998 - len(METADATA_HEADER) - 2
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
@@ -64,6 +76,8 @@ RESERVED_HEADERS = frozenset(
         "x-mailer-metadata",
     }
 )
+# Any Content-* header on the top-level message describes the MIME structure we build.
+_RESERVED_PREFIXES = ("content-",)
 MAIL_ID_HEADER = "X-Mailer-Id"
 
 
@@ -76,6 +90,10 @@ _FAST_EMAIL = re.compile(rf"({_ATEXT}(?:\.{_ATEXT})*)@((?:{_LABEL}\.)+([A-Za-z]{
 _PLAIN = re.compile(r"[^\s<>,;:\"()\[\]\\]+")
 _NAMED = re.compile(r"([^<>,;:\"()\[\]\\@.]*?)\s*<([^<>\s]+)>")
 _SPECIAL_TLDS = frozenset(SPECIAL_USE_DOMAIN_NAMES)
+# A display name that needs no quotes: atoms (any non-ASCII counts as atext, RFC 6532)
+# separated by single spaces.
+_UATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
+_ATOM_PHRASE = re.compile(rf"{_UATOM}(?: {_UATOM})*")
 
 
 @functools.lru_cache(maxsize=8192)
@@ -123,10 +141,36 @@ def _field_error(field: str, message: str) -> ValidationError:
     )
 
 
-def _no_crlf(value: str, what: str) -> str:
-    if _CRLF.search(value):
-        raise ValueError(f"{what} must not contain CR or LF (header injection)")
+def _header_safe(value: str, what: str) -> str:
+    """Refuse what would break a header line anywhere (MIME builder, vendor, relay)."""
+    if m := _HEADER_UNSAFE.search(value):
+        raise ValueError(
+            f"{what} must not contain CR or LF, NUL, another control character or a line "
+            f"separator (found {m.group()!r} at position {m.start()}): remove it"
+        )
     return value
+
+
+def metadata_json(metadata: dict[str, Any]) -> str:
+    """The metadata as the one ``X-Mailer-Metadata`` header value every adapter writes.
+
+    Compact and ASCII-only (non-ASCII escaped), so the header needs no RFC 2047 encoding
+    and reads back as exactly the JSON that was sent.
+    """
+    return json.dumps(metadata, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _format_address(name: str, addr_spec: str) -> str:
+    """``name <addr>`` with the name quoted where RFC 5322 needs it; never raises.
+
+    The stdlib's Address refuses a non-ASCII local part (NonASCIILocalPartDefect), which
+    the model accepts (SMTPUTF8), so the quoting is done here.
+    """
+    if not name:
+        return addr_spec
+    if _ATOM_PHRASE.fullmatch(name) is None:
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{addr_spec}>"
 
 
 class Address(BaseModel):
@@ -144,7 +188,7 @@ class Address(BaseModel):
     @classmethod
     def _parse(cls, value: Any) -> Any:
         if isinstance(value, str):
-            _no_crlf(value, "an address")
+            _header_safe(value, "an address")
             name, addr = _split_address(value)
             return {"email": addr, "name": name or None}
         return value
@@ -152,7 +196,7 @@ class Address(BaseModel):
     @field_validator("email")
     @classmethod
     def _check_email(cls, value: str, info: ValidationInfo) -> str:
-        _no_crlf(value, "an address")
+        _header_safe(value, "an address")
         if isinstance(info.context, dict) and info.context.get("trusted"):
             return value  # validated when the mail was accepted (Email.from_stored)
         return normalize_email(value)
@@ -162,7 +206,7 @@ class Address(BaseModel):
     def _check_name(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        _no_crlf(value, "a display name")
+        _header_safe(value, "a display name")
         if len(value) > 200:
             raise ValueError("display name longer than 200 characters")
         return value or None
@@ -170,7 +214,66 @@ class Address(BaseModel):
     def __str__(self) -> str:
         """RFC 5322 form with the display name quoted where needed (Unicode kept as is;
         the transport encodes it, RFC 2047 or SMTPUTF8)."""
-        return str(HeaderAddress(display_name=self.name or "", addr_spec=self.email))
+        return _format_address(self.name or "", self.email)
+
+
+# Date, Message-ID, X-Mailer-Id, MIME-Version, the multipart boundaries: generous bounds.
+_MESSAGE_OVERHEAD = 400
+_PART_OVERHEAD = 200
+# Bytes quoted-printable escapes (beyond non-ASCII): '=', and controls other than TAB/CR/LF.
+_QP_ESCAPED = re.compile(rb"[=\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_QP_TRAILING_WS = re.compile(rb"[ \t]+(?=\r?\n|\r|$)")
+_SEVEN_BIT_UNSAFE = re.compile(rb"[^\t\n\r -~]")
+
+
+def _base64_size(n: int) -> int:
+    """base64 of ``n`` bytes in lines of 76 characters, each ending in CRLF."""
+    chars = (n + 2) // 3 * 4
+    return chars + 2 * -(-chars // 76)
+
+
+def body_encoding(text: str) -> tuple[Literal["7bit", "quoted-printable", "base64"], int]:
+    """The transfer encoding a body is sent with, and an upper bound of its encoded size.
+
+    The MIME builder uses this same choice, so the size cap counts what is actually sent:
+    7bit for short-lined ASCII, else the smaller of quoted-printable and base64.
+    """
+    data = text.encode()
+    n = len(data)
+    lines = data.count(b"\n") + data.count(b"\r") + 1
+    non_ascii = n - len(data.decode("ascii", "ignore"))
+    if (
+        not non_ascii
+        and not _SEVEN_BIT_UNSAFE.search(data)
+        and max(map(len, data.splitlines()), default=0) <= 998
+    ):
+        return "7bit", n + 2 * lines
+    escaped = n + 2 * (non_ascii + len(_QP_ESCAPED.findall(data)))
+    escaped += 2 * sum(len(m) for m in _QP_TRAILING_WS.findall(data))
+    qp = escaped + 3 * (escaped // 73 + lines) + 2 * lines
+    b64 = _base64_size(n + 2 * lines)  # line ends become CRLF before base64
+    return ("quoted-printable", qp) if qp <= b64 else ("base64", b64)
+
+
+def _header_cost(value: str) -> int:
+    """Bound of one header value as sent: RFC 2047 words (at most 4/3 of the UTF-8 plus
+    their markers) or quoting, folded every 78 characters."""
+    return 2 * len(value.encode()) + 16
+
+
+def _address_cost(addr: Address) -> int:
+    # 3x the address covers punycode (an IDN label can grow past its UTF-8 length).
+    return _header_cost(addr.name or "") + 3 * len(addr.email.encode()) + 8
+
+
+def _attachment_cost(att: Attachment) -> int:
+    # The filename appears in RFC 2231 percent-encoding (3 bytes per byte) with continuations.
+    return (
+        _base64_size(len(att.content))
+        + 4 * len(att.filename.encode())
+        + len(att.content_type)
+        + _PART_OVERHEAD
+    )
 
 
 def _as_list(value: Any) -> Any:
@@ -190,13 +293,18 @@ class Attachment(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
 
     filename: str = Field(min_length=1, max_length=255)
-    content_type: str = Field("application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$")
+    # RFC 6838 restricted names (ASCII, at most 127 characters each side): a type must fit
+    # every vendor's field and the MIME header line.
+    content_type: str = Field(
+        "application/octet-stream",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$",
+    )
     content: bytes
 
     @field_validator("filename")
     @classmethod
     def _check_filename(cls, value: str) -> str:
-        _no_crlf(value, "filename")
+        _header_safe(value, "filename")
         if any(c in value for c in '/\\"\x00'):
             raise ValueError('filename must not contain / \\ " or NUL')
         return value
@@ -214,7 +322,30 @@ class Attachment(BaseModel):
         return value
 
 
-MetaValue = str | int | float | bool | None
+def _check_meta_key(key: str) -> str:
+    if not _META_KEY.match(key):
+        raise ValueError(f"metadata key {key[:40]!r}: use 1-64 letters, digits, '_' or '-'")
+    return key
+
+
+def _check_meta_value(value: Any) -> Any:
+    """One flat JSON value that MongoDB stores and every vendor's JSON carries as is."""
+    if not (value is None or isinstance(value, (str, int, float, bool))):
+        raise ValueError("a metadata value must be a string, number, boolean or null")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"a metadata value must be a finite number, not {value!r}")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:  # MongoDB's widest integer
+        raise ValueError("a metadata value must fit in 64 bits")
+    if isinstance(value, str):
+        if len(value) > 1000:
+            raise ValueError("a metadata value must be at most 1000 characters")
+        _header_safe(value, "a metadata value")
+    return value
+
+
+MetaKey = Annotated[str, AfterValidator(_check_meta_key)]
+# Any, checked by hand: a union would coerce (or report the failure once per member).
+MetaValue = Annotated[Any, AfterValidator(_check_meta_value)]
 
 
 class Email(BaseModel):
@@ -226,13 +357,13 @@ class Email(BaseModel):
     to: AddressList = Field(min_length=1)
     cc: AddressList = Field(default_factory=list)
     bcc: AddressList = Field(default_factory=list)
-    reply_to: AddressList = Field(default_factory=list)
+    reply_to: AddressList = Field(default_factory=list, max_length=MAX_RECIPIENTS)
     subject: str = Field(min_length=1, max_length=998)
     text: str | None = None
     html: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list, max_length=10)
-    metadata: dict[str, Any] = Field(default_factory=dict, max_length=50)
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=50)
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
     priority: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)
     send_at: dt.datetime | None = None
@@ -242,7 +373,7 @@ class Email(BaseModel):
     @field_validator("subject")
     @classmethod
     def _check_subject(cls, value: str) -> str:
-        return _no_crlf(value, "subject")
+        return _header_safe(value, "subject")
 
     @field_validator("headers")
     @classmethod
@@ -254,7 +385,12 @@ class Email(BaseModel):
                 raise ValueError(f"header name {name[:40]!r} is not a valid field name")
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by mailer; use the matching field instead")
-            _no_crlf(val, f"header {name!r}")
+            if name.lower().startswith(_RESERVED_PREFIXES):
+                raise ValueError(
+                    f"header {name!r} belongs to the MIME structure mailer builds; "
+                    "use text, html and attachments instead"
+                )
+            _header_safe(val, f"header {name!r}")
             if len(val) > 998:
                 raise ValueError(f"header {name!r} is longer than 998 characters")
         return value
@@ -269,16 +405,12 @@ class Email(BaseModel):
 
     @field_validator("metadata")
     @classmethod
-    def _check_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key, val in value.items():
-            if not (val is None or isinstance(val, (str, int, float, bool))):
-                raise ValueError(f"metadata value of {key[:40]!r} must be a string, number, boolean or null")
-            if not _META_KEY.match(key):
-                raise ValueError(f"metadata key {key[:40]!r}: use up to 64 letters, digits, '_' or '-'")
-            if isinstance(val, str) and len(val) > 1000:
-                raise ValueError(f"metadata value of {key!r} is longer than 1000 characters")
-            if isinstance(val, int) and not -(2**63) <= val < 2**63:  # MongoDB's widest integer
-                raise ValueError(f"metadata value of {key[:40]!r} does not fit in 64 bits")
+    def _check_metadata(cls, value: dict[str, MetaValue]) -> dict[str, MetaValue]:
+        if value and len(text := metadata_json(value)) > MAX_METADATA_JSON:
+            raise ValueError(
+                f"metadata is {len(text)} characters as JSON; it travels as one {METADATA_HEADER} "
+                f"header line, so keep it to {MAX_METADATA_JSON} (fewer or shorter values)"
+            )
         return value
 
     @field_validator("idempotency_key")
@@ -309,27 +441,45 @@ class Email(BaseModel):
         if n > ctx.get("max_recipients", MAX_RECIPIENTS):
             limit_n = ctx.get("max_recipients", MAX_RECIPIENTS)
             raise _field_error("to", f"{n} recipients in to/cc/bcc; at most {limit_n} per mail")
+        if ctx.get("trusted"):
+            return self  # stored mails were measured when accepted
         limit = ctx.get("max_bytes", MAX_EMAIL_BYTES)
         parts = self._sizes()
-        if sum(parts.values()) > limit:
+        if (total := sum(parts.values()) + _MESSAGE_OVERHEAD) > limit:
             biggest = max(parts, key=lambda k: parts[k])
             raise _field_error(
-                biggest, f"the mail is about {sum(parts.values())} bytes; the limit is {limit} bytes"
+                biggest,
+                f"the mail is up to {total} bytes as sent (encoded); the limit is {limit} bytes: "
+                f"make {biggest!r} smaller",
             )
         return self
 
     def _sizes(self) -> dict[str, int]:
+        """Each field's share of the wire size, as upper bounds of its MIME encoding."""
+        meta = len(metadata_json(self.metadata)) + len(METADATA_HEADER) + 4 if self.metadata else 0
         return {
-            "subject": len(self.subject.encode()),
-            "text": len((self.text or "").encode()),
-            "html": len((self.html or "").encode()),
-            "headers": sum(len(k) + len(v.encode()) for k, v in self.headers.items()),
-            "attachments": sum((len(a.content) + 2) // 3 * 4 for a in self.attachments),
+            "from": _address_cost(self.from_),
+            "to": sum(map(_address_cost, self.to)),
+            "cc": sum(map(_address_cost, self.cc)),
+            "bcc": sum(map(_address_cost, self.bcc)),
+            "reply_to": sum(map(_address_cost, self.reply_to)),
+            "subject": _header_cost(self.subject),
+            "text": _PART_OVERHEAD + body_encoding(self.text)[1] if self.text is not None else 0,
+            "html": _PART_OVERHEAD + body_encoding(self.html)[1] if self.html is not None else 0,
+            "headers": sum(len(k) + _header_cost(v) for k, v in self.headers.items()),
+            "tags": sum(len(t) + 4 for t in self.tags),
+            "metadata": meta,
+            "attachments": sum(map(_attachment_cost, self.attachments)),
+            "idempotency_key": len((self.idempotency_key or "").encode()),
         }
 
     def size(self) -> int:
-        """Approximate encoded size: bodies plus attachments as base64 (how they travel)."""
-        return sum(self._sizes().values())
+        """An upper bound of the mail's size as sent: MIME-encoded bodies (quoted-printable or
+        base64 with CRLF every 76 characters), RFC 2047 headers, every address and field.
+
+        A bound, not an estimate, so a mail under the cap never grows past a relay's limit.
+        """
+        return sum(self._sizes().values()) + _MESSAGE_OVERHEAD
 
     def delay_seconds(self, now: dt.datetime | None = None) -> int:
         """beanstalkd delay for this mail (whole seconds, never negative)."""
@@ -357,38 +507,62 @@ def _field_name(loc: tuple[int | str, ...]) -> str:
     for p in loc:
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif p in ("function-after[_check_whole()]",):
+        elif p in ("function-after[_check_whole()]", "[key]"):
             continue
         else:
-            parts.append(("." if parts else "") + ("from" if p == "from_" else str(p)))
+            name = "from" if p == "from_" else (str(p) or '""')  # an empty key still gets a name
+            parts.append(("." if parts else "") + name)
     return "".join(parts) or "(mail)"
 
 
 BAD_TEXT = "not valid UTF-8 text (undecodable bytes or a lone surrogate)"
+TOO_DEEP = f"nested more than {MAX_NESTING} levels deep; no field of a mail nests like that"
 
 
-def _bad_text(data: Any, loc: tuple[int | str, ...] = ()) -> list[str]:
-    """Fields whose strings are not valid Unicode: lone surrogates (undecodable bytes smuggled
-    into a str, or JSON ``\\ud800`` escapes), which neither MongoDB nor any vendor accepts."""
-    found: list[str] = []
-    if isinstance(data, str):
-        try:
-            data.encode("utf-8")
-        except UnicodeEncodeError:
-            found.append(_field_name(loc))
-    elif isinstance(data, dict):
-        for key, value in data.items():
-            found += _bad_text(key, (*loc, "(key)")) if isinstance(key, str) else []
-            found += _bad_text(value, (*loc, key if isinstance(key, str | int) else repr(key)))
-    elif isinstance(data, list | tuple):
-        for i, value in enumerate(data):
-            found += _bad_text(value, (*loc, i))
-    return found
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def _bad_json_text(data: str | bytes) -> list[str]:
-    """For JSON the parser refused: the fields holding invalid UTF-8 or lone surrogates, if
-    that is why (a lenient parse keeps them as surrogates, so they can be found)."""
+def _bad_text(data: Any) -> list[tuple[str, str]]:
+    """``(field, message)`` for strings that are not valid Unicode (lone surrogates:
+    undecodable bytes smuggled into a str, or JSON ``\\ud800`` escapes, which neither MongoDB
+    nor any vendor accepts) and for containers nested deeper than any field of a mail.
+
+    Walked with an explicit stack, not recursion: input nested 5,000 deep must become a
+    field error, not a RecursionError.
+    """
+    found: dict[str, str] = {}
+    stack: list[tuple[Any, tuple[int | str, ...]]] = [(data, ())]
+    while stack:
+        value, loc = stack.pop()
+        if isinstance(value, str):
+            if not _is_utf8(value):
+                found.setdefault(_field_name(loc), BAD_TEXT)
+            continue
+        if not isinstance(value, dict | list | tuple):
+            continue
+        if len(loc) >= MAX_NESTING:
+            found.setdefault(_field_name(loc[:2]), TOO_DEEP)
+            continue
+        children: list[tuple[Any, tuple[int | str, ...]]] = []
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str):
+                    children.append((key, (*loc, "(key)")))
+                children.append((item, (*loc, key if isinstance(key, str | int) else repr(key))))
+        else:
+            children = [(item, (*loc, i)) for i, item in enumerate(value)]
+        stack.extend(reversed(children))  # popped in input order
+    return list(found.items())
+
+
+def _bad_json_text(data: str | bytes) -> list[tuple[str, str]]:
+    """For JSON the parser refused: the fields holding invalid UTF-8 or lone surrogates, or
+    nested too deep, if that is why (a lenient parse keeps surrogates, so they can be found)."""
     try:
         text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
         return _bad_text(json.loads(text))
@@ -417,13 +591,13 @@ def parse_email(
                 [("(mail)", f"expected a mapping of fields, got {type(data).__name__}")]
             )
         if bad := _bad_text(data):
-            raise EmailValidationError([(field, BAD_TEXT) for field in bad])
+            raise EmailValidationError(bad)
         return Email.model_validate(data, context=ctx)
     except ValidationError as exc:
         raw = exc.errors(include_url=False, include_input=False)
         json_only = all(e["type"] == "json_invalid" for e in raw)
         if isinstance(data, str | bytes) and json_only and (bad := _bad_json_text(data)):
-            raise EmailValidationError([(field, BAD_TEXT) for field in bad]) from None
+            raise EmailValidationError(bad) from None
         errors = []
         for err in exc.errors(include_url=False, include_input=False):
             msg = str(err["msg"]).removeprefix("Value error, ")
@@ -441,7 +615,7 @@ class Status(StrEnum):
     FAILED = "failed"
 
 
-Outcome = Literal["sent", "transient", "permanent", "auth", "unknown", "unavailable"]
+Outcome = Literal["sent", "transient", "permanent", "auth", "unknown", "unavailable", "unsupported"]
 
 
 class Attempt(BaseModel):

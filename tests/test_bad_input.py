@@ -1,10 +1,11 @@
 """Malformed mails, table-driven, through both front doors: ``Producer.send`` and
-``mailer send --json -``. Each one must get a clear error that names the field, ``mailer send``
+``mailer send --file -``. Each one must get a clear error that names the field, ``mailer send``
 must exit 1 with one line on stderr, and nothing may be stored or queued."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -172,6 +173,43 @@ CASES = [
     Case("json-null", raw("null"), "(mail)"),
     Case("json-string", raw('"a@example.com"'), "(mail)"),
     Case("empty-input", b"", "(mail)"),
+    # accepted once, then undeliverable (the MIME builder raised, or a relay cut or refused it)
+    Case("subject-vertical-tab", mail(subject="a\x0bb"), "subject"),
+    Case("subject-form-feed", mail(subject="a\x0cb"), "subject"),
+    Case("subject-file-separator", mail(subject="a\x1cb"), "subject"),
+    Case("subject-next-line", mail(subject="a\x85b"), "subject"),
+    Case("subject-line-separator", mail(subject="a\u2028b"), "subject"),
+    Case("subject-paragraph-separator", mail(subject="a\u2029b"), "subject"),
+    Case("subject-nul", mail(subject="a\x00b"), "subject"),
+    Case("header-value-nul", mail(headers={"X-Campaign": "a\x00b"}), "headers"),
+    Case("header-value-record-separator", mail(headers={"X-Campaign": "a\x1eb"}), "headers"),
+    Case(
+        "display-name-line-separator", mail(to={"email": "a@example.com", "name": "A\u2028B"}), "to[0].name"
+    ),
+    Case(
+        "filename-vertical-tab",
+        mail(attachments=[{"filename": "a\x0bb.txt", "content": "aGk="}]),
+        "attachments[0].filename",
+    ),
+    Case("metadata-value-nul", mail(metadata={"note": "a\x00b"}), "metadata.note"),
+    Case(
+        "content-type-100000-chars",
+        mail(attachments=[{"filename": "a", "content_type": "a/" + "b" * 100_000, "content": "aGk="}]),
+        "attachments[0].content_type",
+    ),
+    Case("header-content-disposition", mail(headers={"Content-Disposition": "attachment"}), "headers"),
+    Case("header-content-id", mail(headers={"Content-ID": "<x@example.com>"}), "headers"),
+    Case("metadata-nan", mail(metadata={"ratio": float("nan")}), "metadata.ratio"),
+    Case("metadata-infinity", mail(metadata={"ratio": float("inf")}), "metadata.ratio"),
+    Case("metadata-over-one-header-line", mail(metadata={f"k{i}": "x" * 100 for i in range(10)}), "metadata"),
+    Case("metadata-empty-key", mail(metadata={"": 1}), "metadata"),
+    Case("empty-key", mail(**{"": 1}), '""'),
+    Case("reply-to-51", mail(reply_to=[f"r{i}@example.com" for i in range(51)]), "reply_to"),
+    Case(
+        "attachment-7.8-mb-is-10.7-mb-on-the-wire",
+        mail(attachments=[{"filename": "a.bin", "content": base64.b64encode(b"\x00" * 7_800_000).decode()}]),
+        "attachments",
+    ),
 ]
 
 
@@ -240,9 +278,9 @@ def cli_settings(
 
 
 async def run_cli_send(monkeypatch: pytest.MonkeyPatch, config: Path, data: bytes) -> int:
-    """``mailer send --json -`` in this process (in a thread: it runs its own event loop)."""
+    """``mailer send --file -`` in this process (in a thread: it runs its own event loop)."""
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
-    return await asyncio.to_thread(cli.main, ["send", "--config", str(config), "--json", "-"])
+    return await asyncio.to_thread(cli.main, ["send", "--config", str(config), "--file", "-"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -288,7 +326,7 @@ async def test_console_script_send_rejects(settings: Settings, tmp_path: Path, c
     env["LC_ALL"] = env["LANG"] = "C"  # the locale must not matter
     proc = await asyncio.to_thread(
         subprocess.run,
-        [str(MAILER), "send", "--json", "-"],
+        [str(MAILER), "send", "--file", "-"],
         input=case.json_bytes(),
         capture_output=True,
         env=env,

@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from mailer.errors import EmailValidationError
-from mailer.models import MAX_RECIPIENTS, Address, Email, parse_email
+from mailer.models import (
+    MAX_EMAIL_BYTES,
+    MAX_METADATA_JSON,
+    MAX_RECIPIENTS,
+    Address,
+    Email,
+    metadata_json,
+    parse_email,
+)
 
 UTC = dt.UTC
 
@@ -138,14 +146,45 @@ def test_exactly_max_recipients_is_fine() -> None:
     assert len(e.recipients()) == MAX_RECIPIENTS
 
 
-def test_size_limit_is_inclusive_and_counts_attachments_as_base64() -> None:
+def test_size_limit_is_inclusive() -> None:
     e = parse_email(mail(text="x" * 100, subject="s"))
-    assert e.size() == 101
-    assert parse_email(mail(text="x" * 100, subject="s"), max_bytes=101) == e
-    with_file = parse_email(mail(attachments=[{"filename": "f.bin", "content": b"\x00" * 300}]))
-    assert with_file.size() == len(b"Hello") + len(b"Hello there") + 400
-    with pytest.raises(EmailValidationError):
-        parse_email(mail(attachments=[{"filename": "f.bin", "content": b"\x00" * 300}]), max_bytes=415)
+    assert parse_email(mail(text="x" * 100, subject="s"), max_bytes=e.size()) == e
+    with pytest.raises(EmailValidationError, match=f"limit is {e.size() - 1} bytes"):
+        parse_email(mail(text="x" * 100, subject="s"), max_bytes=e.size() - 1)
+
+
+def test_size_counts_attachments_as_base64_with_line_breaks() -> None:
+    """A 7.8 MB file is 10.7 MB on the wire (base64 plus CRLF every 76 characters): more than
+    a default postfix takes (10,240,000 bytes), so the default cap refuses it."""
+    content = b"\x00" * 7_800_000
+    base = parse_email(mail()).size()
+    with_file = parse_email(mail(attachments=[{"filename": "f.bin", "content": content}]), max_bytes=1 << 30)
+    wire = 10_400_000 + 2 * (10_400_000 // 76 + 1)
+    assert with_file.size() - base >= wire > 10_240_000
+    with pytest.raises(EmailValidationError, match="attachments: the mail is up to"):
+        parse_email(mail(attachments=[{"filename": "f.bin", "content": content}]))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("reply_to", [{"email": f"r{i}@example.com", "name": "n" * 200} for i in range(50)]),
+        ("to", [{"email": f"r{i}@example.com", "name": "ü" * 200} for i in range(50)]),
+        ("headers", {f"X-H{i}": "v" * 998 for i in range(50)}),
+        ("subject", "ü" * 998),
+    ],
+)
+def test_size_counts_every_field(field: str, value: Any) -> None:
+    """Addresses, names and headers count too (250,000 reply-to addresses once made a 17 MB
+    document the cap did not see)."""
+    with pytest.raises(EmailValidationError) as info:
+        parse_email(mail(**{field: value}), max_bytes=4096)
+    assert info.value.errors[0][0] == field and "limit is 4096 bytes" in info.value.errors[0][1]
+
+
+def test_reply_to_is_bounded_like_the_recipients() -> None:
+    with pytest.raises(EmailValidationError, match="reply_to: List should have at most 50 items"):
+        parse_email(mail(reply_to=[f"r{i}@example.com" for i in range(51)]))
 
 
 # --- attachments -----------------------------------------------------------------------
@@ -299,6 +338,39 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("control-idempotency-key", mail(idempotency_key="a\nb"), "idempotency_key", "printable"),
     ("not-a-mapping", [mail()], "(mail)", "mapping"),
     ("bad-json", '{"from": ', "(mail)", "JSON"),
+    # line breaks other than CR/LF, NUL and controls, in every header-bound field
+    *[
+        (f"subject-{ord(c):x}", mail(subject=f"a{c}b"), "subject", "CR or LF")
+        for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00\x7f"
+    ],
+    ("header-nul", mail(headers={"X-A": "a\x00b"}), "headers", "NUL"),
+    ("header-u2028", mail(headers={"X-A": "a\u2028b"}), "headers", "CR or LF"),
+    ("name-x85", mail(to={"email": "a@example.com", "name": "A\x85B"}), "to[0].name", "CR or LF"),
+    ("name-str-x0b", mail(to="A\x0bB <a@example.com>"), "to[0]", "CR or LF"),
+    (
+        "filename-x1e",
+        mail(attachments=[{"filename": "a\x1eb.txt", "content": b"x"}]),
+        "attachments[0].filename",
+        "CR or LF",
+    ),
+    ("metadata-value-nul", mail(metadata={"k": "a\x00b"}), "metadata.k", "NUL"),
+    (
+        "content-type-100k",
+        mail(attachments=[{"filename": "a", "content": b"", "content_type": "a/" + "b" * 100_000}]),
+        "attachments[0].content_type",
+        "",
+    ),
+    (
+        "content-type-non-ascii",
+        mail(attachments=[{"filename": "a", "content": b"", "content_type": "text/plaïn"}]),
+        "attachments[0].content_type",
+        "",
+    ),
+    ("reserved-content-disposition", mail(headers={"Content-Disposition": "inline"}), "headers", "MIME"),
+    ("reserved-content-id", mail(headers={"content-id": "<x@y>"}), "headers", "MIME"),
+    ("metadata-nan", mail(metadata={"r": float("nan")}), "metadata.r", "finite"),
+    ("metadata-too-long", mail(metadata={f"k{i}": "x" * 100 for i in range(10)}), "metadata", "one"),
+    ("reply-to-51", mail(reply_to=[f"r{i}@example.com" for i in range(51)]), "reply_to", "at most 50"),
 ]
 
 
@@ -339,10 +411,77 @@ def test_no_pydantic_error_escapes() -> None:
             parse_email(data)  # type: ignore[arg-type]
 
 
-def test_default_size_limit_is_ten_megabytes() -> None:
-    big = "x" * (10 * 1024 * 1024 + 1)
-    with pytest.raises(EmailValidationError, match="limit is 10485760 bytes"):
-        parse_email(mail(text=big))
+def test_default_size_limit_is_what_a_default_postfix_accepts() -> None:
+    assert MAX_EMAIL_BYTES <= 10_240_000  # postfix's default message_size_limit
+    with pytest.raises(EmailValidationError, match="limit is 10000000 bytes"):
+        parse_email(mail(text="x" * 10_000_000))
+
+
+def nested(depth: int, leaf: Any = "a@example.com") -> Any:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"to": nested(5000)}, "to"),
+        ({"metadata": {"a": nested(5000)}}, "metadata.a"),
+        ({"cc": [{"email": nested(5000)}]}, "cc"),
+        ({"headers": {"X-A": nested(5000)}}, "headers"),
+    ],
+)
+def test_deep_nesting_is_a_field_error_not_a_recursion_error(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(EmailValidationError) as info:
+        parse_email(mail(**changes))
+    assert any(under(f, field) for f, _ in info.value.errors), info.value.errors
+    assert len(str(info.value)) < 2000
+
+
+def test_deep_json_is_a_field_error() -> None:
+    """Deeper than the JSON parser's own limit: the field is found without recursion."""
+    doc = json.dumps(mail(text="@@")).replace('"@@"', "[" * 300 + '"x"' + "]" * 300)
+    with pytest.raises(EmailValidationError, match=r"text\[0\]: nested more than"):
+        parse_email(doc)
+    with pytest.raises(EmailValidationError, match=r"\(mail\): Invalid JSON"):
+        parse_email(json.dumps(mail(text="@@")).replace('"@@"', "[" * 5000 + "]" * 5000))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_metadata_is_a_field_error(value: float) -> None:
+    for data in (mail(metadata={"ratio": value}), json.dumps(mail(metadata={"ratio": value}))):
+        with pytest.raises(EmailValidationError, match=r"metadata\.ratio: a metadata value must be a finite"):
+            parse_email(data)
+
+
+def test_an_empty_key_is_named() -> None:
+    for changes, field in (({"": 1}, '""'), ({"metadata": {"": 1}}, 'metadata.""')):
+        with pytest.raises(EmailValidationError) as info:
+            parse_email(mail(**changes))
+        assert info.value.errors[0][0] == field, info.value.errors
+
+
+def test_metadata_must_fit_one_header_line() -> None:
+    fits = {f"k{i}": "x" * (MAX_METADATA_JSON // 10 - 8) for i in range(10)}
+    assert len(metadata_json(fits)) <= MAX_METADATA_JSON
+    assert parse_email(mail(metadata=fits)).metadata == fits
+    with pytest.raises(EmailValidationError, match="metadata: metadata is 1031 characters as JSON"):
+        parse_email(mail(metadata={f"k{i}": "x" * 95 for i in range(10)}))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Ñandú, Sr.", 'Jo "J" <x>', "a\\b", "plain name", "Zoë", "(c) 2026; o'k"],
+)
+@pytest.mark.parametrize("addr", ["ñandú@example.com", "ann@bücher.example", "a.b+c@example.com"])
+def test_address_str_formats_every_accepted_address(name: str, addr: str) -> None:
+    """str() of an address once raised NonASCIILocalPartDefect for SMTPUTF8 local parts."""
+    from email.utils import getaddresses
+
+    text = str(parse_email(mail(to={"email": addr, "name": name})).to[0])
+    assert getaddresses([text]) == [(name, addr)]
+    assert parse_email(mail(to=text)).to[0] == Address(email=addr, name=name)
 
 
 def test_from_stored_skips_the_limits() -> None:

@@ -5,8 +5,14 @@ the map lives here once; an adapter only overrides :meth:`HttpVendor.vendor_erro
 its vendor documents differently.
 
 Secrets: the key is read only in :meth:`HttpVendor.auth_headers`, when ``connect`` builds the
-client. Messages carry the HTTP status and the vendor's own words, never request headers, and
-``repr`` shows the endpoint, not the settings.
+client and the adapter's :class:`~mailer.redact.Redactor`. Messages carry the HTTP status and the
+vendor's own words, never request headers; since a vendor or a proxy may echo our headers in those
+words, every error of :meth:`HttpVendor.post` is redacted. ``repr`` shows the endpoint, not the
+settings.
+
+Deadline: ``timeout_s`` bounds the whole request (pool wait, connect, write, answer and body),
+not each read, through :func:`~mailer.vendors.base.bounded_send`; httpcore's trace tells it
+whether the request headers had started to go out, which decides ``ambiguous``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import httpx
 
 from mailer.errors import PermanentVendorError, TransientVendorError, VendorAuthError, VendorError
 from mailer.lifecycle import AsyncResource
+from mailer.redact import Redactor
+from mailer.vendors.base import SendProgress, bounded_send
 
 MAX_DETAIL = 300
 
@@ -108,6 +116,7 @@ class HttpVendor(AsyncResource):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self._client: httpx.AsyncClient | None = None
+        self._redactor = Redactor(())
 
     def __repr__(self) -> str:
         state = "connected" if self._client is not None else "closed"
@@ -136,9 +145,11 @@ class HttpVendor(AsyncResource):
     async def connect(self) -> None:
         if self._client is not None:
             return
+        auth = self.auth_headers()
+        self._redactor = Redactor(auth.values())
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
-            headers={"accept": "application/json", **self.auth_headers()},
+            headers={"accept": "application/json", **auth},
             timeout=httpx.Timeout(self.timeout_s),
             limits=httpx.Limits(
                 max_connections=self.max_connections, max_keepalive_connections=self.max_connections
@@ -162,16 +173,34 @@ class HttpVendor(AsyncResource):
             raise PermanentVendorError(self.name, f"the mail cannot be encoded as JSON: {exc}") from None
 
     async def post(self, path: str, *, json_body: dict[str, Any] | None = None, files: Any = None) -> Any:
-        """POST and return the parsed JSON of a 2xx answer; raise the mapped error otherwise."""
+        """POST and return the parsed JSON of a 2xx answer; raise the mapped error otherwise.
+
+        The whole exchange runs under one deadline of ``timeout_s`` and every error leaves
+        redacted (see the module docstring).
+        """
         client = self._client
         if client is None:
             raise RuntimeError(f"{self!r} is not connected: await connect() first or use 'async with'")
         content = self.encode_json(json_body) if json_body is not None else None
         headers = {"content-type": "application/json"} if content is not None else None
-        try:
-            response = await client.post(path, content=content, files=files, headers=headers)
-        except httpx.RequestError as exc:
-            raise transport_error(self.name, exc) from exc
+
+        async def exchange(progress: SendProgress) -> Any:
+            async def trace(event: str, info: dict[str, Any]) -> None:
+                # "http11.send_request_headers.started" / "http2...": from here on bytes leave.
+                if event.endswith("send_request_headers.started"):
+                    progress.sent()
+
+            try:
+                response = await client.post(
+                    path, content=content, files=files, headers=headers, extensions={"trace": trace}
+                )
+            except httpx.RequestError as exc:
+                raise transport_error(self.name, exc) from exc
+            return self.answer(response)
+
+        return await bounded_send(self.name, self.timeout_s, self._redactor, exchange)
+
+    def answer(self, response: httpx.Response) -> Any:
         if not response.is_success:
             raise self.classify(response)
         payload = _json_or_none(response)
@@ -180,7 +209,8 @@ class HttpVendor(AsyncResource):
             # acceptance, nor of refusal: say so rather than record the mail as sent.
             raise TransientVendorError(
                 self.name,
-                f"HTTP {response.status_code} without a JSON object: {short(response.text, 120)!r}",
+                f"HTTP {response.status_code} without a JSON object: "
+                f"{short(self._redactor.text(response.text), 120)!r}",
                 ambiguous=True,
             )
         return payload
@@ -188,7 +218,8 @@ class HttpVendor(AsyncResource):
     def classify(self, response: httpx.Response) -> VendorError:
         status = response.status_code
         payload = _json_or_none(response)
-        detail = self.error_detail(payload, response.text) or response.reason_phrase
+        # Redact before shortening: a cut could leave part of an echoed key behind.
+        detail = self._redactor.text(self.error_detail(payload, response.text) or response.reason_phrase)
         message = f"HTTP {status}: {short(detail)}"
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         specific = self.vendor_error(status, payload, message, retry_after)

@@ -8,11 +8,20 @@ Content goes as ``Simple`` when SES can express the mail that way, so SES builds
 itself; it falls back to ``Raw`` (bytes from :mod:`mailer.vendors.mime`) when a header
 does not fit SES's rules for ``Simple`` headers (at most 15, printable ASCII values of at
 most 870 characters) or when the installed botocore predates ``Simple`` attachments.
+
+Deadline: botocore's connect/read timeouts are per read, so ``send_email`` runs under
+:func:`~mailer.vendors.base.bounded_send` as well. aiobotocore shows no event between "about to
+send" (botocore's ``before-send``) and the bytes going out, so a deadline that passes after
+``before-send`` counts as ambiguous, even when the connection was still being made; one that
+passes before it (credential resolution, signing) does not.
+
+Secrets: the key id, secret key and session token go through the adapter's
+:class:`~mailer.redact.Redactor` before any SES or botocore text becomes an error. Keep
+botocore's loggers at INFO (:func:`mailer.logs.setup_logging`): at DEBUG they print both.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 from contextlib import AsyncExitStack
@@ -43,14 +52,22 @@ from mailer.config import AmazonSettings
 from mailer.errors import (
     PermanentVendorError,
     TransientVendorError,
+    UnsupportedByVendor,
     VendorAuthError,
     VendorConfigError,
     VendorError,
 )
 from mailer.lifecycle import AsyncResource
-from mailer.models import MAIL_ID_HEADER, Address, Email
-from mailer.vendors.base import SendResult
-from mailer.vendors.mime import ascii_addr_spec, build_message, message_bytes
+from mailer.models import MAIL_ID_HEADER, METADATA_HEADER, Address, Email
+from mailer.redact import Redactor
+from mailer.vendors.base import SendProgress, SendResult, bounded_send, current_progress
+from mailer.vendors.mime import (
+    ascii_addr_spec,
+    build_message,
+    message_bytes,
+    metadata_headers,
+    needs_smtputf8,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_sesv2 import SESV2Client
@@ -66,8 +83,7 @@ if TYPE_CHECKING:
 
 __all__ = ["METADATA_HEADER", "AmazonVendor"]
 
-# Metadata that cannot become an SES tag still travels with the mail, as compact JSON.
-METADATA_HEADER = "X-Mailer-Metadata"
+# Metadata that cannot become an SES tag still travels with the mail, in METADATA_HEADER.
 
 # SES limits (service model and SES quotas).
 _MAX_SIMPLE_HEADERS = 15
@@ -161,10 +177,8 @@ class AmazonVendor(AsyncResource):
         self._stack: AsyncExitStack | None = None
         self._client: SESV2Client | None = None
         self._simple_attachments = False
-        self._secrets = tuple(
-            s.get_secret_value()
-            for s in (settings.access_key_id, settings.secret_access_key, settings.session_token)
-            if s is not None and s.get_secret_value()
+        self._redactor = Redactor(
+            (settings.access_key_id, settings.secret_access_key, settings.session_token)
         )
 
     def __repr__(self) -> str:
@@ -200,6 +214,7 @@ class AmazonVendor(AsyncResource):
         except BaseException:
             await stack.aclose()
             raise
+        client.meta.events.register("before-send.sesv2.SendEmail", _handed_over)
         self._stack, self._client = stack, client
         message_shape = client.meta.service_model.shape_for("Message")
         self._simple_attachments = "Attachments" in getattr(message_shape, "members", {})
@@ -218,26 +233,36 @@ class AmazonVendor(AsyncResource):
             request = self._request(email, mail_id)
         except ValueError as exc:
             raise PermanentVendorError(self.name, f"SES cannot carry this mail: {exc}") from None
-        try:
-            response = await client.send_email(**request)
-        except ClientError as exc:
-            raise self._from_client_error(exc) from exc
-        except BotoCoreError as exc:
-            raise self._from_botocore_error(exc) from exc
-        return SendResult(message_id=response["MessageId"])
+
+        async def call(progress: SendProgress) -> str:
+            try:
+                response = await client.send_email(**request)
+            except ClientError as exc:
+                raise self._from_client_error(exc) from exc
+            except BotoCoreError as exc:
+                raise self._from_botocore_error(exc) from exc
+            return response["MessageId"]
+
+        message_id = await bounded_send(self.name, self._settings.timeout_s, self._redactor, call)
+        return SendResult(message_id=message_id)
 
     # --- request -------------------------------------------------------------------------
 
     def _request(self, email: Email, mail_id: str) -> SendEmailRequestTypeDef:
+        if needs_smtputf8(email):
+            # Documented: SES does not support SMTPUTF8; a local part must be 7-bit ASCII.
+            raise UnsupportedByVendor(
+                self.name,
+                "a mailbox has a non-ASCII local part and SES does not support SMTPUTF8 "
+                "(another vendor can send it)",
+            )
         tags, leftover = self._tags(email)
-        headers: dict[str, str] = {MAIL_ID_HEADER: mail_id, **email.headers}
-        if leftover:
-            headers[METADATA_HEADER] = json.dumps(leftover, separators=(",", ":"), ensure_ascii=True)
+        extra = metadata_headers(leftover)
+        headers: dict[str, str] = {MAIL_ID_HEADER: mail_id, **email.headers, **extra}
 
         if self._fits_simple(email, headers):
             content: EmailContentTypeDef = {"Simple": self._simple(email, headers)}
         else:
-            extra = {METADATA_HEADER: headers[METADATA_HEADER]} if leftover else None
             msg = build_message(email, mail_id, extra_headers=extra)
             content = {"Raw": {"Data": message_bytes(msg)}}
 
@@ -315,9 +340,8 @@ class AmazonVendor(AsyncResource):
     # --- errors --------------------------------------------------------------------------
 
     def _clean(self, text: str) -> str:
-        """Trim a vendor message and blank out anything that looks like our own secrets."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
+        """Blank out our secrets, then trim: trimming first could leave half a key behind."""
+        text = self._redactor.text(text)
         return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
     def _from_client_error(self, exc: ClientError) -> VendorError:
@@ -364,6 +388,11 @@ class AmazonVendor(AsyncResource):
         if isinstance(exc, (ConnectionClosedError, HTTPClientError)):
             return TransientVendorError(self.name, f"SES connection broke mid-way: {text}", ambiguous=True)
         return TransientVendorError(self.name, f"SES request failed: {text}", ambiguous=True)
+
+
+def _handed_over(**kwargs: Any) -> None:
+    """botocore's ``before-send``: from here on the request may reach SES (see the module doc)."""
+    current_progress().handed_over()
 
 
 def _retry_after(value: Any) -> float | None:

@@ -29,11 +29,15 @@ class FakeVendor:
     makes sends wait until released, to test timeouts and shutdown.
     """
 
-    def __init__(self, name: str, *, default: Outcome = None, latency_s: float = 0.0) -> None:
+    def __init__(
+        self, name: str, *, default: Outcome = None, latency_s: float = 0.0, timeout_s: float = 10.0
+    ) -> None:
         self.name = name
         self.script: collections.deque[Outcome] = collections.deque()
         self.default = default
         self.latency_s = latency_s
+        # What a real adapter's deadline would be: a graceful stop waits this long for a send.
+        self.timeout_s = timeout_s
         self.sends: list[FakeSend] = []
         self.hang = asyncio.Event()
         self.hang.set()

@@ -3,9 +3,11 @@
 The form is always multipart, attachments or not, so Mailgun sees one wire format and Unicode
 bodies travel as raw UTF-8 rather than percent-encoded. Mailgun's API reference allows at most
 three ``o:tag`` per message (its help centre has mentioned ten; extra tags are reported to be
-dropped silently), so a mail with more is refused here, before any request, rather than sent
-with tags missing. 404 means an unknown domain or the wrong region (US vs EU ``base_url``) and
-402 an account that cannot pay: configuration, not a bad mail.
+dropped silently), so a mail with more is refused here as UnsupportedByVendor, before any
+request, rather than sent with tags missing: another vendor can carry it. Mailgun documents
+SMTPUTF8 addresses and converts IDN domains itself, so addresses go as the model holds them.
+404 means an unknown domain or the wrong region (US vs EU ``base_url``) and 402 an account that
+cannot pay: configuration, not a bad mail.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import json
 from typing import Any
 
 from mailer.config import MailgunSettings
-from mailer.errors import PermanentVendorError, VendorAuthError, VendorError
+from mailer.errors import UnsupportedByVendor, VendorAuthError, VendorError
 from mailer.models import MAIL_ID_HEADER, Email
 from mailer.vendors._http import HttpVendor
 from mailer.vendors.base import SendResult
 
 MAX_TAGS = 3
+FormPart = tuple[str | None, bytes] | tuple[str, bytes, str]
 
 
 def form_fields(email: Email, mail_id: str) -> list[tuple[str, str]]:
@@ -65,16 +68,23 @@ class MailgunVendor(HttpVendor):
             return VendorAuthError(self.name, f"{message} (check the domain and the region's base_url)")
         return None
 
-    async def send(self, email: Email, mail_id: str) -> SendResult:
+    def request_parts(self, email: Email, mail_id: str) -> list[tuple[str, FormPart]]:
+        """The multipart request body, or UnsupportedByVendor for what Mailgun cannot carry."""
         if len(email.tags) > MAX_TAGS:
-            raise PermanentVendorError(
-                self.name, f"{len(email.tags)} tags; Mailgun takes at most {MAX_TAGS} per message"
+            raise UnsupportedByVendor(
+                self.name,
+                f"{len(email.tags)} tags; Mailgun takes at most {MAX_TAGS} per message "
+                "(another vendor can send it, or use fewer tags)",
             )
         # (None, bytes) parts are plain form fields; passing them as "files" keeps httpx on
         # multipart even when there is no attachment.
-        parts: list[tuple[str, tuple[str | None, bytes] | tuple[str, bytes, str]]] = [
+        parts: list[tuple[str, FormPart]] = [
             (name, (None, value.encode())) for name, value in form_fields(email, mail_id)
         ]
         parts += [("attachment", (a.filename, a.content, a.content_type)) for a in email.attachments]
+        return parts
+
+    async def send(self, email: Email, mail_id: str) -> SendResult:
+        parts = self.request_parts(email, mail_id)
         payload = await self.post(f"/v3/{self.domain}/messages", files=parts)
         return SendResult(self.accepted_id(payload.get("id"), "Mailgun answered success"))

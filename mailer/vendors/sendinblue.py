@@ -1,11 +1,11 @@
 """Brevo (formerly Sendinblue): ``POST {base_url}/v3/smtp/email`` with an ``api-key`` header.
 
-Brevo has no per-message metadata field, so metadata travels in an ``X-Mailer-Metadata``
-header as compact, ASCII-only JSON (non-ASCII escaped, so the header needs no RFC 2047
-encoding); it then reaches the recipient's headers and Brevo's logs like any custom header.
-A header line is capped at 998 characters, so larger metadata is refused rather than cut.
-Brevo takes a single ``replyTo``: several reply-to addresses are refused, not silently
-dropped. Names are omitted, not sent as null, when an address has no display name.
+Brevo has no per-message metadata field, so metadata travels in the ``X-Mailer-Metadata``
+header (:func:`mailer.vendors.mime.metadata_headers`, the same JSON SMTP and SES raw write; the
+model bounds it to one header line); it then reaches the recipient's headers and Brevo's logs
+like any custom header. Brevo takes a single ``replyTo``: several reply-to addresses are
+refused as UnsupportedByVendor (another vendor can carry them), not silently dropped. Names
+are omitted, not sent as null, when an address has no display name.
 
 Brevo answers some account problems as 400/403 with a ``code`` (``permission_denied``,
 ``not_enough_credits``...): those are configuration, not a bad mail.
@@ -14,20 +14,19 @@ Brevo answers some account problems as 400/403 with a ``code`` (``permission_den
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 from mailer.config import SendinblueSettings
-from mailer.errors import PermanentVendorError, VendorAuthError, VendorError
-from mailer.models import MAIL_ID_HEADER, Address, Email
+from mailer.errors import UnsupportedByVendor, VendorAuthError, VendorError
+from mailer.models import MAIL_ID_HEADER, METADATA_HEADER, Address, Email
 from mailer.vendors._http import HttpVendor
 from mailer.vendors.base import SendResult
+from mailer.vendors.mime import metadata_headers
 
-METADATA_HEADER = "X-Mailer-Metadata"
+__all__ = ["METADATA_HEADER", "SendinblueVendor"]
 AUTH_CODES = frozenset(
     {"unauthorized", "permission_denied", "not_enough_credits", "account_under_validation"}
 )
-_MAX_HEADER_LINE = 998
 
 
 def _address(a: Address) -> dict[str, str]:
@@ -58,22 +57,12 @@ class SendinblueVendor(HttpVendor):
 
     def payload(self, email: Email, mail_id: str) -> dict[str, Any]:
         if len(email.reply_to) > 1:
-            raise PermanentVendorError(
-                self.name, f"{len(email.reply_to)} reply-to addresses; Brevo takes only one"
+            raise UnsupportedByVendor(
+                self.name,
+                f"{len(email.reply_to)} reply-to addresses; Brevo takes only one "
+                "(another vendor can send it, or give one reply_to)",
             )
-        headers = {**email.headers, MAIL_ID_HEADER: mail_id}
-        if email.metadata:
-            try:
-                meta = json.dumps(email.metadata, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-            except ValueError as exc:
-                raise PermanentVendorError(self.name, f"metadata cannot be encoded as JSON: {exc}") from None
-            if len(METADATA_HEADER) + 2 + len(meta) > _MAX_HEADER_LINE:
-                raise PermanentVendorError(
-                    self.name,
-                    f"metadata is {len(meta)} characters as JSON; Brevo carries it in the "
-                    f"{METADATA_HEADER} header, which is limited to one {_MAX_HEADER_LINE}-character line",
-                )
-            headers[METADATA_HEADER] = meta
+        headers = {**email.headers, MAIL_ID_HEADER: mail_id, **metadata_headers(email.metadata)}
         body: dict[str, Any] = {
             "sender": _address(email.from_),
             "to": [_address(a) for a in email.to],

@@ -17,6 +17,15 @@ Recipients: a 4xx for any recipient aborts the transaction (RSET) as transient, 
 mail can be retried elsewhere in full without duplicating anything; 5xx for only some of
 them lets the mail go to the others (as a vendor API would, bouncing the bad ones later);
 5xx for all of them is permanent.
+
+Deadline: aiosmtplib's timeout is per command, so a relay trickling its replies could hold a send
+indefinitely; once a pool slot is held, the connection set-up and the transaction run under one
+deadline of ``timeout_s`` (:func:`~mailer.vendors.base.bounded_send`). The wait for a slot is
+outside it: that queue is ours, and a busy pool is not the relay's failure. Only from DATA on
+can the relay have taken the mail, so only a deadline there is ambiguous.
+
+Secrets: replies are the relay's words, and a relay may quote the AUTH exchange; every error and
+the partial-refusal warning pass through the adapter's :class:`~mailer.redact.Redactor`.
 """
 
 from __future__ import annotations
@@ -48,18 +57,21 @@ from mailer.config import SmtpSettings
 from mailer.errors import (
     PermanentVendorError,
     TransientVendorError,
+    UnsupportedByVendor,
     VendorAuthError,
     VendorConfigError,
     VendorError,
 )
 from mailer.lifecycle import AsyncResource
 from mailer.models import Email
-from mailer.vendors.base import SendResult
+from mailer.redact import Redactor
+from mailer.vendors.base import SendProgress, SendResult, bounded_send, current_progress
 from mailer.vendors.mime import (
     build_message,
     envelope_addr_spec,
     make_message_id,
     message_bytes,
+    metadata_headers,
     needs_smtputf8,
 )
 
@@ -107,6 +119,7 @@ class SmtpVendor(AsyncResource):
         self._idle: list[_Conn] = []
         self._generation = 0
         self._local_hostname: str | None = None
+        self._redactor = Redactor((settings.password,), users=(settings.username or "",))
 
     def __repr__(self) -> str:
         s = self._settings
@@ -129,7 +142,10 @@ class SmtpVendor(AsyncResource):
         utf8 = needs_smtputf8(email)
         message_id = make_message_id(email)
         try:
-            data = message_bytes(build_message(email, mail_id, message_id=message_id, utf8=utf8))
+            # Metadata rides in X-Mailer-Metadata, as on SES raw and Brevo: SMTP has no other place.
+            extra = metadata_headers(email.metadata)
+            msg = build_message(email, mail_id, message_id=message_id, extra_headers=extra, utf8=utf8)
+            data = message_bytes(msg)
             sender = envelope_addr_spec(email.from_.email, utf8=utf8)
             recipients = list(
                 dict.fromkeys(envelope_addr_spec(a.email, utf8=utf8) for a in email.recipients())
@@ -137,25 +153,32 @@ class SmtpVendor(AsyncResource):
         except ValueError as exc:
             raise PermanentVendorError(self.name, f"cannot build the message: {exc}") from None
 
+        async def deliver(progress: SendProgress) -> SMTPResponse:
+            return await self._deliver(sender, recipients, data, utf8)
+
         async with self._slots:
-            conn = await self._checkout()
+            reply = await bounded_send(self.name, self._settings.timeout_s, self._redactor, deliver)
+        match = _QUEUED_AS.search(reply.message)
+        return SendResult(message_id=match.group(1) if match else message_id)
+
+    async def _deliver(self, sender: str, recipients: list[str], data: bytes, utf8: bool) -> SMTPResponse:
+        """One transaction on a pooled connection, retried once on a fresh one if it was stale."""
+        conn = await self._checkout()
+        try:
+            reply = await self._transaction(conn, sender, recipients, data, utf8)
+        except _StaleConnection:
+            conn.smtp.close()
+            conn = await self._open()
             try:
                 reply = await self._transaction(conn, sender, recipients, data, utf8)
-            except _StaleConnection:
-                conn.smtp.close()
-                conn = await self._open()
-                try:
-                    reply = await self._transaction(conn, sender, recipients, data, utf8)
-                except BaseException as exc:
-                    await self._after_error(conn, exc)
-                    raise
             except BaseException as exc:
                 await self._after_error(conn, exc)
                 raise
-            self._checkin(conn)
-
-        match = _QUEUED_AS.search(reply.message)
-        return SendResult(message_id=match.group(1) if match else message_id)
+        except BaseException as exc:
+            await self._after_error(conn, exc)
+            raise
+        self._checkin(conn)
+        return reply
 
     # --- pool ----------------------------------------------------------------------------
 
@@ -190,6 +213,7 @@ class SmtpVendor(AsyncResource):
 
     async def _open(self) -> _Conn:
         await self.connect()
+        current_progress().stage = "connect"
         s = self._settings
         smtp = aiosmtplib.SMTP(
             hostname=s.host,
@@ -226,21 +250,22 @@ class SmtpVendor(AsyncResource):
     ) -> SMTPResponse:
         smtp = conn.smtp
         encoding = "utf-8" if utf8 else "ascii"
-        stage = "MAIL FROM"
+        progress = current_progress()
+        stage = progress.stage = "MAIL FROM"
         try:
             options: list[str] = []
             if utf8:
                 if smtp.last_ehlo_response is None:
                     await smtp.ehlo()  # aiosmtplib greets lazily; the extensions come with EHLO
                 if not smtp.supports_extension("smtputf8"):
-                    raise PermanentVendorError(
+                    raise UnsupportedByVendor(
                         self.name,
                         "a mailbox has a non-ASCII local part and the server does not offer SMTPUTF8",
                     )
                 options.append("SMTPUTF8")
             await smtp.mail(sender, options=options, encoding=encoding)
 
-            stage = "RCPT TO"
+            stage = progress.stage = "RCPT TO"
             refused: list[SMTPRecipientRefused] = []
             for rcpt in recipients:
                 try:
@@ -257,10 +282,11 @@ class SmtpVendor(AsyncResource):
                     self.name,
                     len(refused),
                     len(recipients),
-                    "; ".join(f"{r.recipient}: {r.code} {_reason(r.message)}" for r in refused),
+                    "; ".join(f"{r.recipient}: {r.code} {self._clean(r.message)}" for r in refused),
                 )
 
-            stage = "DATA"
+            stage = progress.stage = "DATA"
+            progress.sent()  # the relay may queue the mail as soon as the data is complete
             return await smtp.data(data)
         except VendorError:
             raise
@@ -271,6 +297,10 @@ class SmtpVendor(AsyncResource):
 
     # --- errors --------------------------------------------------------------------------
 
+    def _clean(self, text: str) -> str:
+        """A relay's words without our secrets, then trimmed (trimming first could cut a key in half)."""
+        return _reason(self._redactor.text(text))
+
     def _error(self, exc: Exception, stage: str) -> VendorError:
         """Map an aiosmtplib error at ``stage`` ("connect", "MAIL FROM", "RCPT TO", "DATA")."""
         s = self._settings
@@ -278,11 +308,11 @@ class SmtpVendor(AsyncResource):
         if isinstance(exc, SMTPAuthenticationError):
             return VendorAuthError(
                 self.name,
-                f"{where} refused our login ({exc.code} {_reason(exc.message)}): check username/password",
+                f"{where} refused our login ({exc.code} {self._clean(exc.message)}): check username/password",
             )
         if isinstance(exc, SMTPRecipientsRefused):
             codes = [r.code for r in exc.recipients]
-            detail = "; ".join(f"{r.recipient}: {r.code} {_reason(r.message)}" for r in exc.recipients)
+            detail = "; ".join(f"{r.recipient}: {r.code} {self._clean(r.message)}" for r in exc.recipients)
             what = f"{where} refused recipients at RCPT TO: {detail}"
             if any(c in _AUTH_CODES for c in codes):
                 return VendorAuthError(self.name, what)
@@ -290,7 +320,7 @@ class SmtpVendor(AsyncResource):
                 return TransientVendorError(self.name, what)
             return PermanentVendorError(self.name, what)
         if isinstance(exc, SMTPResponseException):
-            what = f"{where} answered {exc.code} {_reason(exc.message)} at {stage}"
+            what = f"{where} answered {exc.code} {self._clean(exc.message)} at {stage}"
             if exc.code in _AUTH_CODES:
                 return VendorAuthError(self.name, f"{what}: check the SMTP credentials")
             if exc.code < 500:
@@ -302,7 +332,7 @@ class SmtpVendor(AsyncResource):
         if isinstance(exc, SMTPTimeoutError):
             # Once DATA started, the server may have queued the mail before we gave up.
             return TransientVendorError(
-                self.name, f"{where} timed out at {stage}: {_reason(str(exc))}", ambiguous=stage == "DATA"
+                self.name, f"{where} timed out at {stage}: {self._clean(str(exc))}", ambiguous=stage == "DATA"
             )
         if isinstance(exc, SMTPServerDisconnected) and stage != "connect":
             # SMTPServerDisconnected is an OSError too, so this must come before the next test.
@@ -310,13 +340,13 @@ class SmtpVendor(AsyncResource):
                 self.name, f"{where} closed the connection at {stage}", ambiguous=stage == "DATA"
             )
         if _cert_problem(exc):
-            return VendorAuthError(self.name, f"TLS with {where} failed: {_reason(str(exc))}")
+            return VendorAuthError(self.name, f"TLS with {where} failed: {self._clean(str(exc))}")
         if isinstance(exc, (SMTPConnectError, SMTPServerDisconnected, OSError)):
-            return TransientVendorError(self.name, f"cannot reach {where}: {_reason(str(exc))}")
+            return TransientVendorError(self.name, f"cannot reach {where}: {self._clean(str(exc))}")
         if stage == "connect" and isinstance(exc, SMTPException):
             # STARTTLS or AUTH demanded by our settings but not offered by the server.
-            return VendorAuthError(self.name, f"{where}: {_reason(str(exc))}: check the SMTP settings")
-        return TransientVendorError(self.name, f"{where} failed at {stage}: {_reason(str(exc))}")
+            return VendorAuthError(self.name, f"{where}: {self._clean(str(exc))}: check the SMTP settings")
+        return TransientVendorError(self.name, f"{where} failed at {stage}: {self._clean(str(exc))}")
 
 
 def _is_dead(exc: BaseException) -> bool:

@@ -6,7 +6,8 @@ recipients are also listed in a ``Cc`` header, bcc recipients nowhere.
 
 Tags: ``campaign_id`` is one string per transmission that SparkPost reports on as a campaign,
 not a set of labels, so tags go into ``metadata["tags"]`` instead. When the mail's own metadata
-already uses the key ``tags`` the mail is refused rather than one of the two silently lost.
+already uses the key ``tags`` the mail is refused (UnsupportedByVendor: another vendor can carry
+it) rather than one of the two silently lost.
 
 A 200 with zero accepted recipients means every recipient was rejected: a failure of the mail.
 """
@@ -17,7 +18,13 @@ import base64
 from typing import Any
 
 from mailer.config import SparkpostSettings
-from mailer.errors import PermanentVendorError, TransientVendorError, VendorAuthError, VendorError
+from mailer.errors import (
+    PermanentVendorError,
+    TransientVendorError,
+    UnsupportedByVendor,
+    VendorAuthError,
+    VendorError,
+)
 from mailer.models import MAIL_ID_HEADER, Address, Email
 from mailer.vendors._http import HttpVendor
 from mailer.vendors.base import SendResult
@@ -66,8 +73,10 @@ class SparkpostVendor(HttpVendor):
         metadata: dict[str, Any] = dict(email.metadata)
         if email.tags:
             if "tags" in metadata:
-                raise PermanentVendorError(
-                    self.name, "metadata key 'tags' is taken; SparkPost carries the mail's tags under it"
+                raise UnsupportedByVendor(
+                    self.name,
+                    "metadata key 'tags' is taken; SparkPost carries the mail's tags under it "
+                    "(another vendor can send it, or rename the key)",
                 )
             metadata["tags"] = list(email.tags)
         header_to = ", ".join(str(a) for a in email.to)

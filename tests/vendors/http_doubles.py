@@ -49,7 +49,28 @@ class Drop:
     """Read the request, then close the connection without a word."""
 
 
-Action = Reply | Hang | Drop
+@dataclass(frozen=True)
+class Trickle:
+    """Read the request, then send ``reply`` one byte every ``interval`` seconds.
+
+    Each byte arrives well within any per-read timeout, so only a deadline on the whole
+    send stops a client from waiting for the full answer (hundreds of bytes: minutes).
+    """
+
+    reply: Reply
+    interval: float = 0.2
+
+
+@dataclass(frozen=True)
+class Echo:
+    """Answer ``status`` with a body that quotes every request header, as a debugging proxy
+    or a careless vendor does, in the shapes Mailgun, Brevo and SparkPost read (or as text)."""
+
+    status: int
+    as_text: bool = False
+
+
+Action = Reply | Hang | Drop | Trickle | Echo
 
 
 @dataclass(frozen=True)
@@ -164,7 +185,14 @@ class HttpDouble:
                     return
                 if isinstance(action, Drop):
                     return
-                writer.write(_encode(action))
+                if isinstance(action, Trickle):
+                    for byte in _encode(action.reply):
+                        writer.write(bytes((byte,)))
+                        await writer.drain()
+                        await asyncio.sleep(action.interval)
+                    continue
+                reply = _echo(action, request) if isinstance(action, Echo) else action
+                writer.write(_encode(reply))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
@@ -194,6 +222,15 @@ async def _read_request(reader: asyncio.StreamReader, connection: int) -> Record
     else:
         body = await reader.readexactly(int(headers.get("content-length", "0")))
     return RecordedRequest(method, path, headers, body, connection)
+
+
+def _echo(echo: Echo, request: RecordedRequest) -> Reply:
+    said = "; ".join(f"{k}: {v}" for k, v in request.headers.items())
+    text = f"rejected request with headers {said}"
+    if echo.as_text:
+        return Reply(echo.status, text)
+    body = {"message": text, "code": "invalid_parameter", "errors": [{"message": text, "code": "1300"}]}
+    return Reply(echo.status, body)
 
 
 def _encode(reply: Reply) -> bytes:
@@ -400,6 +437,26 @@ class SparkpostDouble(HttpDouble):
         n = len(request.json()["recipients"])
         results = {"total_rejected_recipients": 0, "total_accepted_recipients": n, "id": f"1166878748495{n}"}
         return Reply(200, {"results": results})
+
+
+# --- SES v2 (restJson) ---------------------------------------------------------------
+
+
+class SesDouble(HttpDouble):
+    """``POST /v2/email/outbound-emails``, SigV4 (not verified), JSON in and out: enough of
+    SES v2's wire format for botocore to parse a success or an ``x-amzn-ErrorType`` error."""
+
+    def check(self, request: RecordedRequest) -> Reply | None:
+        if request.method != "POST" or request.path != "/v2/email/outbound-emails":
+            request.problems.append(f"unexpected {request.method} {request.path}")
+            return Reply(404, {"message": "not found"}, {"x-amzn-ErrorType": "NotFoundException"})
+        if not request.headers.get("authorization", "").startswith("AWS4-HMAC-SHA256 "):
+            request.problems.append("not signed with SigV4")
+            return Reply(403, {"message": "missing signature"}, {"x-amzn-ErrorType": "IncompleteSignature"})
+        return None
+
+    def success(self, request: RecordedRequest) -> Reply:
+        return Reply(200, {"MessageId": f"ses-{len(self.requests)}"})
 
 
 # --- what the tests send and check -----------------------------------------------------

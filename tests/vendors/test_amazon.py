@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from mailer.errors import PermanentVendorError, TransientVendorError, VendorAuthError, VendorConfigError
+from mailer.errors import (
+    PermanentVendorError,
+    TransientVendorError,
+    UnsupportedByVendor,
+    VendorAuthError,
+    VendorConfigError,
+)
 from mailer.models import MAIL_ID_HEADER, Email, parse_email
 from mailer.vendors.amazon import METADATA_HEADER, AmazonVendor
 from mailer.vendors.base import Vendor
@@ -199,8 +205,8 @@ async def test_too_many_headers_fall_back_to_raw(fake: FakeSes) -> None:
     assert body["Destination"]["BccAddresses"] == ["b@example.org"]
 
 
-async def test_non_ascii_local_part_is_permanent_without_a_request(fake: FakeSes) -> None:
-    with pytest.raises(PermanentVendorError, match="non-ASCII local part"):
+async def test_non_ascii_local_part_is_unsupported_without_a_request(fake: FakeSes) -> None:
+    with pytest.raises(UnsupportedByVendor, match="SES does not support SMTPUTF8"):
         await send_to(fake, make_email(to=["jörg@example.com"]))
     assert fake.requests == []
 

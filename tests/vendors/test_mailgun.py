@@ -12,7 +12,13 @@ import httpx
 import pytest
 
 from mailer.config import MailgunSettings
-from mailer.errors import PermanentVendorError, TransientVendorError, VendorAuthError, VendorError
+from mailer.errors import (
+    PermanentVendorError,
+    TransientVendorError,
+    UnsupportedByVendor,
+    VendorAuthError,
+    VendorError,
+)
 from mailer.vendors._http import default_error, parse_retry_after, transport_error
 from mailer.vendors.base import Vendor
 from mailer.vendors.mailgun import MailgunVendor
@@ -91,7 +97,7 @@ async def test_a_mail_without_attachments_is_still_multipart(
 async def test_more_than_three_tags_is_refused_before_any_request(
     vendor: MailgunVendor, mailgun_double: MailgunDouble
 ) -> None:
-    with pytest.raises(PermanentVendorError, match="4 tags; Mailgun takes at most 3"):
+    with pytest.raises(UnsupportedByVendor, match="4 tags; Mailgun takes at most 3"):
         await vendor.send(sample_email(tags=["a", "b", "c", "d"]), "m")
     assert mailgun_double.requests == []
 
@@ -146,7 +152,7 @@ async def test_a_vendor_that_never_answers_times_out_as_ambiguous(mailgun_double
     mailgun_double.script(Hang())
     async with MailgunVendor(settings(mailgun_double.base_url, timeout_s=0.3)) as vendor:
         started = time.monotonic()
-        with pytest.raises(TransientVendorError, match="ReadTimeout") as caught:
+        with pytest.raises(TransientVendorError, match=r"timed out.*after sending") as caught:
             await vendor.send(sample_email(), "m")
         assert 0.25 < time.monotonic() - started < 2
         assert caught.value.ambiguous is True

@@ -10,7 +10,13 @@ from collections.abc import AsyncIterator
 import pytest
 
 from mailer.config import SendinblueSettings
-from mailer.errors import PermanentVendorError, TransientVendorError, VendorAuthError, VendorError
+from mailer.errors import (
+    PermanentVendorError,
+    TransientVendorError,
+    UnsupportedByVendor,
+    VendorAuthError,
+    VendorError,
+)
 from mailer.vendors.base import Vendor
 from mailer.vendors.sendinblue import SendinblueVendor
 
@@ -84,14 +90,12 @@ async def test_metadata_header_is_ascii_json_and_optional(
     ("changes", "message"),
     [
         ({"reply_to": ["a@example.com", "b@example.com"]}, "2 reply-to addresses; Brevo takes only one"),
-        ({"metadata": {f"k{i}": "x" * 100 for i in range(10)}}, "limited to one 998-character line"),
-        ({"metadata": {"ratio": float("nan")}}, "cannot be encoded as JSON"),
     ],
 )
 async def test_what_brevo_cannot_carry_is_refused_before_any_request(
     vendor: SendinblueVendor, brevo_double: BrevoDouble, changes: dict[str, object], message: str
 ) -> None:
-    with pytest.raises(PermanentVendorError, match=message):
+    with pytest.raises(UnsupportedByVendor, match=message):
         await vendor.send(sample_email(**changes), "m")
     assert brevo_double.requests == []
 
@@ -153,7 +157,7 @@ async def test_a_vendor_that_never_answers_times_out_as_ambiguous(brevo_double: 
     brevo_double.script(Hang())
     async with SendinblueVendor(settings(brevo_double.base_url, timeout_s=0.3)) as vendor:
         started = time.monotonic()
-        with pytest.raises(TransientVendorError, match="ReadTimeout") as caught:
+        with pytest.raises(TransientVendorError, match=r"timed out.*after sending") as caught:
             await vendor.send(sample_email(), "m")
         assert 0.25 < time.monotonic() - started < 2
         assert caught.value.ambiguous is True

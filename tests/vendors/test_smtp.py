@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import time
 from collections.abc import Iterator
@@ -17,11 +18,12 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from pydantic import SecretStr
 
 from mailer.config import SmtpSettings
-from mailer.errors import PermanentVendorError, TransientVendorError, VendorAuthError
+from mailer.errors import PermanentVendorError, TransientVendorError, UnsupportedByVendor, VendorAuthError
 from mailer.models import MAIL_ID_HEADER, Email, parse_email
 from mailer.vendors.base import Vendor
 from mailer.vendors.smtp import SmtpVendor
 
+from .http_doubles import assert_no_secret
 from .ses_doubles import free_port
 
 pytestmark = pytest.mark.timeout(30)
@@ -293,12 +295,12 @@ async def test_smtputf8_for_a_non_ascii_local_part(relay: tuple[Relay, Controlle
     assert got.message()["To"].addresses[0].addr_spec == "jörg@example.net"
 
 
-async def test_non_ascii_local_part_without_smtputf8_is_permanent() -> None:
+async def test_non_ascii_local_part_without_smtputf8_is_unsupported_by_this_vendor() -> None:
     handler = Relay()
     controller = start_relay(handler, enable_SMTPUTF8=False)
     try:
         async with SmtpVendor(settings_for(controller)) as vendor:
-            with pytest.raises(PermanentVendorError, match="SMTPUTF8"):
+            with pytest.raises(UnsupportedByVendor, match="SMTPUTF8"):
                 await vendor.send(make_email(to=["jörg@example.net"]), "utf8")
             await vendor.send(make_email(), "ascii")  # and the connection is still good
     finally:
@@ -338,6 +340,18 @@ async def test_login_failure_is_an_auth_error_without_the_password(
             await vendor.send(make_email(), "bad-login")
     assert PASSWORD not in str(info.value) and PASSWORD not in repr(vendor)
     assert handler.delivered == []
+
+
+async def test_a_reply_echoing_the_password_is_masked(auth_relay: tuple[Relay, Controller]) -> None:
+    handler, controller = auth_relay
+    plain = base64.b64encode(f"\0mailer\0{PASSWORD}".encode()).decode()  # AUTH PLAIN, as sent
+    handler.mail_replies = [f"550 5.7.1 denied for AUTH PLAIN {plain} (password {PASSWORD})"]
+    settings = settings_for(controller, username="mailer", password=SecretStr(PASSWORD))
+    async with SmtpVendor(settings) as vendor:
+        with pytest.raises(PermanentVendorError, match="550") as info:
+            await vendor.send(make_email(), "echo")
+    assert "***" in info.value.reason
+    assert_no_secret((PASSWORD, plain), info.value)
 
 
 async def test_lifecycle(relay: tuple[Relay, Controller]) -> None:

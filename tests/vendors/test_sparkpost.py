@@ -9,7 +9,13 @@ from collections.abc import AsyncIterator
 import pytest
 
 from mailer.config import SparkpostSettings
-from mailer.errors import PermanentVendorError, TransientVendorError, VendorAuthError, VendorError
+from mailer.errors import (
+    PermanentVendorError,
+    TransientVendorError,
+    UnsupportedByVendor,
+    VendorAuthError,
+    VendorError,
+)
 from mailer.vendors.base import Vendor
 from mailer.vendors.sparkpost import SparkpostVendor
 
@@ -97,13 +103,12 @@ async def test_optional_parts_are_left_out(
     ("changes", "message"),
     [
         ({"metadata": {"tags": "mine"}}, "metadata key 'tags' is taken"),
-        ({"metadata": {"ratio": float("inf")}}, "cannot be encoded as JSON"),
     ],
 )
 async def test_what_sparkpost_cannot_carry_is_refused_before_any_request(
     vendor: SparkpostVendor, sparkpost_double: SparkpostDouble, changes: dict[str, object], message: str
 ) -> None:
-    with pytest.raises(PermanentVendorError, match=message):
+    with pytest.raises(UnsupportedByVendor, match=message):
         await vendor.send(sample_email(**changes), "m")
     assert sparkpost_double.requests == []
 
@@ -185,7 +190,7 @@ async def test_a_vendor_that_never_answers_times_out_as_ambiguous(sparkpost_doub
     sparkpost_double.script(Hang())
     async with SparkpostVendor(settings(sparkpost_double.base_url, timeout_s=0.3)) as vendor:
         started = time.monotonic()
-        with pytest.raises(TransientVendorError, match="ReadTimeout") as caught:
+        with pytest.raises(TransientVendorError, match=r"timed out.*after sending") as caught:
             await vendor.send(sample_email(), "m")
         assert 0.25 < time.monotonic() - started < 2
         assert caught.value.ambiguous is True
