@@ -20,8 +20,10 @@ R = TypeVar("R")
 class Batcher(Generic[T, R]):
     """``await batcher.submit(item)`` returns ``write(batch)[i]`` for that item.
 
-    ``write`` gets at most ``max_batch`` items and returns one result per item, in order;
-    if it raises, every caller of that batch gets a copy made by ``on_error``. Up to
+    ``write`` gets at most ``max_batch`` items, and (with ``weigh``) at most ``max_weight`` of
+    total weight unless one item alone weighs more (it then goes alone): one huge item never
+    drags its neighbours into a write too big to finish in time. It returns one result per
+    item, in order; if it raises, every caller of that batch gets a copy made by ``on_error``. Up to
     ``writers`` writes may be in flight at once: more cut the wait of a caller that arrives
     just after a write left (latency), fewer make bigger batches (less work per item).
     """
@@ -31,11 +33,15 @@ class Batcher(Generic[T, R]):
         write: Callable[[list[T]], Awaitable[Sequence[R]]],
         *,
         max_batch: int = 200,
+        max_weight: int = 0,
+        weigh: Callable[[T], int] | None = None,
         writers: int = 1,
         on_error: Callable[[BaseException], BaseException] = lambda exc: exc,
     ) -> None:
         self._write = write
         self.max_batch = max_batch
+        self.max_weight = max_weight
+        self._weigh = weigh
         self.writers = writers
         self._on_error = on_error
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
@@ -67,8 +73,9 @@ class Batcher(Generic[T, R]):
 
     async def _drain_waiting(self) -> None:
         while self._waiting:
-            batch = self._waiting[: self.max_batch]
-            del self._waiting[: self.max_batch]
+            n = take([item for item, _ in self._waiting[: self.max_batch]], self.max_weight, self._weigh)
+            batch = self._waiting[:n]
+            del self._waiting[:n]
             try:
                 results = await self._write([item for item, _ in batch])
             except Exception as exc:
@@ -84,3 +91,15 @@ class Batcher(Generic[T, R]):
         """Wait (at most ``within`` seconds) for the writes already accepted."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=within)
+
+
+def take(items: Sequence[T], max_weight: int, weigh: Callable[[T], int] | None) -> int:
+    """How many of ``items``, from the first, fit in ``max_weight`` (at least one)."""
+    if weigh is None or max_weight <= 0:
+        return len(items)
+    total = 0
+    for n, item in enumerate(items):
+        total += weigh(item)
+        if total > max_weight and n > 0:
+            return n
+    return len(items)

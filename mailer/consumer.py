@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -28,10 +29,11 @@ from pymongo.errors import PyMongoError
 from mailer.beanstalk import Beanstalk, Job
 from mailer.config import Settings, load_settings
 from mailer.delivery import Committer, Delivery, Ready, Settle
-from mailer.errors import BeanstalkError, ConfigError, MailerError, TimedOut
+from mailer.errors import BeanstalkError, MailerError, StoreUnavailable, TimedOut
 from mailer.lifecycle import AsyncResource
 from mailer.requeue import sweep
 from mailer.routing import Clock, VendorRegistry
+from mailer.stalls import StallWatch
 from mailer.store import MailStore, parse_mail_id
 from mailer.throughput import ThroughputMeter
 from mailer.vendors import Vendor, build_vendors
@@ -71,8 +73,15 @@ class Consumer(AsyncResource):
             clock=clock,
         )
         self.committer = Committer(self.store, batch=c.commit_batch)
+        self.stalls = StallWatch()
         self.delivery = Delivery(
-            settings, self.store, self.registry, self.committer, consumer_id=self.consumer_id, clock=clock
+            settings,
+            self.store,
+            self.registry,
+            self.committer,
+            consumer_id=self.consumer_id,
+            clock=clock,
+            stalls=self.stalls,
         )
         self.meter = ThroughputMeter("Consumer", settings.throughput_interval_s)
         self.processed = 0
@@ -86,6 +95,7 @@ class Consumer(AsyncResource):
         self._extending: set[asyncio.Task[None]] = set()
         self._last_warning = -1e9
         self._suppressed = 0
+        self._outage: str | None = None  # beanstalkd unreachable since this was logged
 
     def __repr__(self) -> str:
         tube = self.settings.beanstalkd.tube
@@ -94,7 +104,24 @@ class Consumer(AsyncResource):
     # --- lifecycle ---------------------------------------------------------------------
 
     async def connect(self) -> None:
-        await self.store.connect()
+        """Connect, waiting with back-off while MongoDB cannot be reached (the same policy as
+        for beanstalkd: one line when the wait starts, one when it ends). A refused
+        configuration (bad URI, credentials) raises at once: waiting would not mend it."""
+        pause, waited = 0.5, False
+        while True:
+            try:
+                await self.store.connect()
+                break
+            except StoreUnavailable as exc:
+                if self.stopping:
+                    raise
+                if not waited:
+                    log.warning("%s; waiting for it (retrying with back-off up to 30 s)", exc)
+                    waited = True
+                await self._pause(pause)
+                pause = min(30.0, pause * 2)
+        if waited:
+            log.warning("MongoDB is reachable again; starting")
         await self.registry.start()
 
     async def close(self) -> None:
@@ -104,6 +131,7 @@ class Consumer(AsyncResource):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._background.clear()
+        await self.stalls.close()
         await self.committer.close()
         await self.meter.stop()
         for queue in self._queues:
@@ -124,6 +152,7 @@ class Consumer(AsyncResource):
         loop = asyncio.get_running_loop()
         if self.settings.measure_throughput:
             self.meter.start()
+        self.stalls.start()
         self._background.append(loop.create_task(self._keepalive()))
         if self.settings.consumer.requeue_interval_s > 0:
             self._background.append(loop.create_task(self._sweep_loop()))
@@ -132,6 +161,8 @@ class Consumer(AsyncResource):
         grace = self.settings.consumer.grace_s
         log.info("stopping: no new jobs; waiting up to %.0f s for %d in flight", grace, len(self._inflight))
         done, pending = await asyncio.wait(self._loops, timeout=grace) if self._loops else (set(), set())
+        if pending and self.delivery.sending():
+            done, pending = await self._await_sends(done, pending)
         if pending:
             log.warning("grace period over: handing back %d unfinished deliveries", len(self._inflight))
             unfinished = list(self._inflight.values())
@@ -143,13 +174,48 @@ class Consumer(AsyncResource):
             if not task.cancelled() and task.exception() is not None:
                 log.error("a reserve loop ended with an error", exc_info=task.exception())
 
+    def send_bound_s(self) -> float:
+        """The longest one send can take: the slowest vendor's timeout, which each adapter
+        applies to its whole send."""
+        settings = self.settings
+        if settings.production:
+            timeouts = [float(getattr(settings.vendors, n).timeout_s) for n in settings.vendors.configured()]
+        else:
+            timeouts = [settings.simulation.latency_ms / 1000]
+        timeouts += [float(getattr(v, "timeout_s", 0.0) or 0.0) for v in self.registry.vendors]
+        return max(timeouts, default=0.0)
+
+    async def _await_sends(
+        self, done: set[asyncio.Task[None]], pending: set[asyncio.Task[None]]
+    ) -> tuple[set[asyncio.Task[None]], set[asyncio.Task[None]]]:
+        """A send the vendor already has is never cut off by the grace period: cancelled, it
+        would be handed back and sent again by the next consumer. Wait for such sends up to
+        their timeout, then a little for their records."""
+        bound = self.send_bound_s()
+        log.warning(
+            "grace period over with %d send(s) still at their vendors; waiting up to %.1f s more "
+            "(the vendors' timeout) so that none is sent twice",
+            self.delivery.sending(),
+            bound,
+        )
+
+        async def wait(seconds: float) -> None:
+            nonlocal pending
+            finished, pending = await asyncio.wait(pending, timeout=max(0.0, seconds))
+            done.update(finished)
+
+        end = time.monotonic() + bound
+        while pending and self.delivery.sending() and time.monotonic() < end:
+            await wait(min(0.1, end - time.monotonic()))
+        if pending and not self.delivery.sending():
+            await wait(self.settings.mongodb.timeout_ms / 1000)  # their records and settles
+        return done, pending
+
     async def _hand_back(self, unfinished: list[_InFlight]) -> None:
         for item in unfinished:
-            oid = parse_mail_id(item.job.body)
             try:
-                if oid is not None:
-                    await self.store.release_claim(oid)
-                await item.queue.release(item.job.id, priority=self.settings.producer.default_priority)
+                priority = await self.delivery.hand_back(item.job)
+                await item.queue.release(item.job.id, priority=priority)
             except (MailerError, PyMongoError, OSError) as exc:
                 # Closing the connection releases the job anyway; the claim runs out with TTR.
                 log.warning("could not hand back job %s cleanly: %s", item.job.id, exc)
@@ -186,19 +252,34 @@ class Consumer(AsyncResource):
                 await self._open(queue)
             job = await queue.reserve(self.settings.consumer.reserve_timeout_s)
         except TimedOut:
-            self._failures[index] = 0
+            self._reachable()
             return None
         except BeanstalkError as exc:
             failures = self._failures[index] = self._failures.get(index, 0) + 1
             pause = min(30.0, 0.5 * 2 ** min(failures, 6))
-            if failures == 1 or failures % 10 == 0:
-                log.warning("loop %d: beanstalkd unavailable (%s); retrying in %.1f s", index, exc, pause)
+            if self._outage is None:  # one line per outage, not one per loop
+                self._outage = str(exc)
+                b = self.settings.beanstalkd
+                log.warning(
+                    "beanstalkd unavailable at %s:%d (%s); every loop retries with back-off (up to 30 s)",
+                    b.host,
+                    b.port,
+                    exc,
+                )
             await queue.close()
             await self._pause(pause)
             return None
         self._failures[index] = 0
+        self._reachable()
         self._track(job, queue)
         return job
+
+    def _reachable(self) -> None:
+        if self._outage is not None:
+            self._outage = None
+            b = self.settings.beanstalkd
+            log.warning("beanstalkd at %s:%d is reachable again", b.host, b.port)
+        self._failures.clear()
 
     async def _prefetch(self, queue: Beanstalk) -> tuple[Job, Settle | Ready] | None:
         """While a mail is with its vendor, reserve and claim the next one if it is ready
@@ -213,6 +294,7 @@ class Consumer(AsyncResource):
         except (PyMongoError, MailerError, OSError) as exc:
             self._inflight.pop(job.id, None)
             self._warn_settle(f"job {job.id} not claimed ({type(exc).__name__}: {exc}); released")
+            self.delivery.claimer.forget(job)
             with contextlib.suppress(MailerError, OSError):
                 await queue.release(job.id, priority=self.settings.producer.default_priority, delay=1)
             return None
@@ -283,18 +365,22 @@ class Consumer(AsyncResource):
                 if started is not None and ahead is not None:
                     # Already with its vendor: it finishes and records itself; its job comes
                     # back (the connection closes) and then finds the mail finished.
-                    self._inflight.pop(ahead[0].id, None)
+                    detached_job = ahead[0]
+                    self._inflight.pop(detached_job.id, None)
                     self._detached.add(started)
                     started.add_done_callback(self._detached.discard)
+                    started.add_done_callback(functools.partial(self._forget, detached_job))
                     started = None
                 elif ahead is not None:
                     await self._drop_claim(*ahead)
                 ahead = None
+                self.delivery.claimer.forget(job)  # its claim is left to run out (or be ours again)
                 await queue.close()
                 await self._pause(1.0)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self.delivery.claimer.forget(job)
                 await self._bury_unexpected(queue, job)
                 await self._pause(1.0)
             finally:
@@ -303,16 +389,18 @@ class Consumer(AsyncResource):
             await self._put_back(queue, *ahead)
         await queue.close()
 
+    def _forget(self, job: Job, _: object = None) -> None:
+        self.delivery.claimer.forget(job)
+
     async def _drop_claim(self, job: Job, prepared: Settle | Ready) -> None:
         """Give up a prefetched job after a failure: its mail goes back to ``queued`` (so the
         requeue sweep finds it at once if beanstalkd lost the job); the job itself is
         released when its connection closes."""
         self._inflight.pop(job.id, None)
-        if isinstance(prepared, Ready):
-            try:
-                await self.store.release_claim(prepared.oid)
-            except PyMongoError as exc:  # the lease runs out with the TTR instead
-                log.warning("could not release the claim on mail %s: %s", prepared.oid, type(exc).__name__)
+        try:
+            await self.delivery.hand_back(job)
+        except PyMongoError as exc:  # the lease runs out with the TTR instead
+            log.warning("could not release the claim of job %s: %s", job.id, type(exc).__name__)
 
     async def _put_back(self, queue: Beanstalk, job: Job, prepared: Settle | Ready) -> None:
         """On stop, a prefetched job: settle it if that needs no send, else hand it back."""
@@ -405,14 +493,49 @@ class Consumer(AsyncResource):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mailer-consumer", description="Deliver queued mails.")
-    p.add_argument(
-        "--concurrency", type=int, default=None, help="reserve loops (default: consumer.concurrency)"
+    # The shared edge helpers live in mailer.cli (imported here, not at the top, so that
+    # importing the Consumer class does not load the operations CLI).
+    from mailer.cli import CommandParser, add_version, count
+
+    p = CommandParser(
+        prog="mailer-consumer",
+        description="Deliver queued mails: N concurrent reserve loops take ids from the tube and send "
+        "each mail through the vendors (simulated unless MAILER_ENV=production). SIGINT/SIGTERM "
+        "stop it gracefully (in-flight mails get consumer.grace_s); a second signal exits at once.",
     )
-    p.add_argument("--test", action="store_true", help="use the [test] tube and collections")
-    p.add_argument("--config", default=None, help="configuration file (default: ./config.toml if present)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
+    add_version(p)
+    p.add_argument(
+        "-c",
+        "--concurrency",
+        type=count(1),
+        default=None,
+        metavar="N",
+        help="reserve loops, at least 1 (default: consumer.concurrency)",
+    )
+    p.add_argument(
+        "--test", action="store_true", help="use the [test] tube and collections (as the load test does)"
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="configuration file (default: $MAILER_CONFIG, else ./mailer.toml if present)",
+    )
+    p.add_argument(
+        "-l",
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR, any case (default: INFO)",
+    )
+    p.add_argument(
+        "--debug-third-party",
+        action="store_true",
+        help="let client libraries log at DEBUG too; they print credentials: only with throwaway keys",
+    )
+    p.add_argument("--uvloop", action="store_true", help="run on uvloop (pip install 'mailer[fast]')")
     return p
 
 
@@ -436,7 +559,7 @@ async def _serve(settings: Settings, concurrency: int | None) -> int:
         mode = (
             "production (real vendors)"
             if settings.production
-            else "simulated vendors (MAILER_ENV is not production)"
+            else f"simulated vendors (MAILER_ENV={settings.env}: nothing is sent)"
         )
         log.info(
             "consumer %s: tube %r, collection %r, %d loops, %s: %s",
@@ -453,28 +576,28 @@ async def _serve(settings: Settings, concurrency: int | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    try:
-        settings = load_settings(args.config, test=args.test)
-    except ConfigError as exc:
-        print(f"mailer-consumer: {exc}", file=sys.stderr)
-        return 2
-    if args.concurrency is not None and args.concurrency < 1:
-        print("mailer-consumer: --concurrency must be at least 1", file=sys.stderr)
-        return 2
-    if args.uvloop:
-        with contextlib.suppress(ImportError):
-            import uvloop
+    from mailer.cli import parse_args, run_guarded
+    from mailer.logs import setup_logging
 
-            uvloop.install()
-    try:
+    args = parse_args(_parser(), argv)
+    if isinstance(args, int):
+        return args
+    setup_logging(args.log_level, debug_third_party=args.debug_third_party)
+
+    def start() -> int:
+        # Inside run_guarded: a bad configuration, MongoDB URI or credentials, an unreachable
+        # server, production without vendors, each ends as one line and its exit code.
+        settings = load_settings(args.config, test=args.test)
+        if args.uvloop:
+            try:
+                import uvloop
+            except ImportError:
+                log.warning("--uvloop: uvloop is not installed (pip install 'mailer[fast]'); using asyncio")
+            else:
+                uvloop.install()
         return asyncio.run(_serve(settings, args.concurrency))
-    except MailerError as exc:
-        print(f"mailer-consumer: {exc}", file=sys.stderr)
-        return 1
+
+    return run_guarded("mailer-consumer", start)
 
 
 if __name__ == "__main__":

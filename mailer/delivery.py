@@ -3,6 +3,11 @@
 The order is what keeps mails safe: the MongoDB record is written (and acknowledged)
 *before* the job is deleted, released or buried, so a crash between the two never loses a
 record; at worst the job comes back and the claim sees a finished mail and sends nothing.
+
+A send happens only under a claim that still stands: before a failover send, and before
+the first send of a claim that is old or that lived through a stall of this process, the
+claim is fenced (its lease renewed by its token); a claim that was taken over meanwhile
+sends nothing more.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,22 +23,27 @@ from enum import Enum
 
 from bson import ObjectId
 from pydantic import ValidationError
+from pymongo.errors import PyMongoError
 
 from mailer.batching import Batcher
 from mailer.beanstalk import Beanstalk, Job
 from mailer.config import Settings
 from mailer.errors import (
     BeanstalkError,
+    NotFound,
     PermanentVendorError,
+    StoreError,
     TransientVendorError,
+    UnsupportedByVendor,
     VendorAuthError,
-    VendorError,
 )
 from mailer.models import Attempt, Email, Outcome, Status
 from mailer.routing import VendorRegistry
+from mailer.stalls import StallWatch
 from mailer.store import Claim, ClaimState, Doc, Finish, MailStore, attempt_doc, parse_mail_id
 
 log = logging.getLogger("mailer.delivery")
+Clock = Callable[[], float]
 
 
 class Action(Enum):
@@ -52,6 +63,20 @@ class Settle:
     recording: asyncio.Future[None] | None = None
 
 
+@dataclass(slots=True)
+class Held:
+    """A claim this process holds, from the claim until its job is settled or handed back."""
+
+    oid: ObjectId
+    job_id: int
+    token: str  # the claim's own token: records and fences match on it
+    priority: int
+    claimed_at: float  # monotonic; renewed by a fence
+    sending_since: float | None = None  # monotonic, while a vendor has the request
+    # The round's attempts with an ``unknown`` one for a send cut off at shutdown.
+    interrupted: list[Doc] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Ready:
     """A claimed mail, ready to be delivered."""
@@ -60,6 +85,7 @@ class Ready:
     oid: ObjectId
     doc: Doc
     email: Email
+    held: Held
 
 
 class Committer:
@@ -86,33 +112,68 @@ class Committer:
 
 
 class Claimer:
-    """Claims for many loops in one ``update_many`` + ``find`` (see ``MailStore.claim_many``).
+    """Claims for many loops in one ``update_many`` + ``find`` (see ``MailStore.claim_many``),
+    and the claims this process holds.
 
     One ``find_one_and_update`` per mail costs the client and nx-27017 several times more
-    CPU than a shared claim of the jobs reserved meanwhile.
+    CPU than a shared claim of the jobs reserved meanwhile. ``held`` is filled the moment a
+    batch's answer arrives, before any caller runs on, so a twin job of a mail another loop
+    just won is never mistaken for an abandoned claim of ours.
     """
 
-    def __init__(self, store: MailStore, *, consumer_id: str, lease_s: float, batch: int = 200) -> None:
+    def __init__(
+        self,
+        store: MailStore,
+        *,
+        consumer_id: str,
+        lease_s: float,
+        default_priority: int,
+        batch: int = 200,
+        clock: Clock = time.time,
+        monotonic: Clock = time.monotonic,
+    ) -> None:
         self.store = store
         self.consumer_id = consumer_id
         self.lease_s = lease_s
+        self.default_priority = default_priority
+        self.clock = clock
+        self.monotonic = monotonic
+        self.held: dict[ObjectId, Held] = {}
         self._batcher: Batcher[tuple[ObjectId, int], Claim] = Batcher(self._write, max_batch=batch)
 
     async def _write(self, requests: list[tuple[ObjectId, int]]) -> list[Claim]:
+        now, me, lease, held = self.clock(), self.consumer_id, self.lease_s, self.held
         if len(requests) == 1:  # one round trip instead of two when the load is light
             oid, job_id = requests[0]
-            return [
-                await self.store.claim(oid, job_id=job_id, consumer=self.consumer_id, lease_s=self.lease_s)
+            claims = [
+                await self.store.claim(oid, job_id=job_id, consumer=me, lease_s=lease, now=now, active=held)
             ]
-        return await self.store.claim_many(requests, consumer=self.consumer_id, lease_s=self.lease_s)
+        else:
+            claims = await self.store.claim_many(requests, consumer=me, lease_s=lease, now=now, active=held)
+        for (oid, job_id), claim in zip(requests, claims, strict=True):
+            if claim.state is ClaimState.CLAIMED and claim.doc is not None:
+                priority = int(claim.doc.get("priority", self.default_priority))
+                self.held[oid] = Held(oid, job_id, str(claim.doc.get("claim")), priority, self.monotonic())
+        return claims
 
     async def claim(self, oid: ObjectId, job_id: int) -> Claim:
         return await self._batcher.submit((oid, job_id))
 
+    def forget(self, job: Job) -> Held | None:
+        """The job is settled or handed back: its claim (if this job held one) is no longer ours."""
+        oid = parse_mail_id(job.body)
+        held = None if oid is None else self.held.get(oid)
+        if held is None or held.job_id != job.id:
+            return None
+        del self.held[held.oid]
+        return held
 
-def backoff_delay(rounds: int, base: float, cap: float) -> float:
-    """Exponential back-off: base, 2*base, 4*base, ... capped."""
-    return float(min(cap, base * 2 ** max(0, rounds - 1)))
+
+def backoff_delay(rounds: int, base: float, cap: float, jitter: float = 0.0) -> float:
+    """Exponential back-off: base, 2*base, 4*base, ... capped; ``jitter`` in [0, 1) shortens
+    it by up to that fraction, so the mails of one outage do not all come back at once."""
+    delay = min(cap, base * 2 ** max(0, rounds - 1))
+    return float(delay * (1.0 - 0.2 * jitter))
 
 
 class Delivery:
@@ -126,7 +187,10 @@ class Delivery:
         committer: Committer,
         *,
         consumer_id: str,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = time.time,
+        monotonic: Clock = time.monotonic,
+        stalls: StallWatch | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -134,11 +198,31 @@ class Delivery:
         self.committer = committer
         self.consumer_id = consumer_id
         self.clock = clock
+        self.monotonic = monotonic
+        self.stalls = stalls
+        self.rand = rand
         self.lease_s = float(settings.beanstalkd.ttr_s)
+        self.default_priority = settings.producer.default_priority
         self.claimer = Claimer(
-            store, consumer_id=consumer_id, lease_s=self.lease_s, batch=settings.consumer.commit_batch
+            store,
+            consumer_id=consumer_id,
+            lease_s=self.lease_s,
+            default_priority=self.default_priority,
+            batch=settings.consumer.commit_batch,
+            clock=clock,
+            monotonic=monotonic,
         )
         self.on_settled: Callable[[Settle], None] | None = None
+        self._unclaimed_since: float | None = None  # claims have not been taking since then
+        self._last_warning = -1e9
+
+    @property
+    def held(self) -> dict[ObjectId, Held]:
+        return self.claimer.held
+
+    def sending(self) -> int:
+        """How many mails are with a vendor right now (a graceful stop waits for them)."""
+        return sum(1 for h in self.held.values() if h.sending_since is not None)
 
     async def handle(self, job: Job, queue: Beanstalk) -> Settle:
         """Process one reserved job and settle it on ``queue`` (the reserving connection)."""
@@ -151,119 +235,227 @@ class Delivery:
         """Delete, release or bury the job: only after its record was acknowledged."""
         if settle.recording is not None:
             await asyncio.shield(settle.recording)
-        if settle.action is Action.DELETE:
-            await queue.delete(job.id)
-        elif settle.action is Action.RELEASE:
-            await queue.release(job.id, priority=settle.priority, delay=settle.delay)
-        else:
-            await queue.bury(job.id)
+        try:
+            if settle.action is Action.DELETE:
+                await queue.delete(job.id)
+            elif settle.action is Action.RELEASE:
+                await queue.release(job.id, priority=settle.priority, delay=settle.delay)
+            else:
+                await queue.bury(job.id, priority=settle.priority)
+        except NotFound:
+            # Its TTR ran out (this process stood still): beanstalkd gave it to another
+            # consumer, whose claim decides. Nothing of ours to settle.
+            log.info("job %s is no longer reserved by this consumer; leaving it to its new owner", job.id)
+        finally:
+            self.claimer.forget(job)
         if self.on_settled is not None:
             self.on_settled(settle)
 
+    async def hand_back(self, job: Job) -> int:
+        """Give back a job that will not be finished here (shutdown, an error in its loop):
+        its claim is released so the next consumer takes it at once, and a send that was cut
+        off while the vendor had the request is recorded as an ``unknown`` attempt. Returns
+        the priority to release the job at (the mail's own)."""
+        held = self.claimer.forget(job)
+        if held is None:
+            return self.default_priority
+        if held.interrupted is not None:
+            error = "handed back at shutdown while a vendor had the request: it may have been delivered"
+            finish = Finish(
+                str(held.oid), Status.RETRYING, held.interrupted, error=error, next_attempt_ts=self.clock()
+            )
+            finish.job_id, finish.consumer, finish.claim = job.id, self.consumer_id, held.token
+            await self.store.finish_many([finish])
+        else:
+            await self.store.release_claim(held.oid, token=held.token)
+        return held.priority
+
     async def deliver(self, ready: Ready) -> Settle:
         """Send a claimed mail (failing over between vendors) and record the outcome."""
-        return await self._deliver(ready.job, ready.oid, ready.doc, ready.email)
+        return await self._deliver(ready)
 
     async def prepare(self, job: Job, queue: Beanstalk) -> Settle | Ready:
         """Claim the job's mail: a :class:`Ready` to deliver, or how to settle the job at once."""
         oid = parse_mail_id(job.body)
         if oid is None:
             log.error("job %s: body %r is not a mail id; burying it", job.id, job.body[:60])
-            return Settle(Action.BURY, reason="not a mail id")
-        claim = await self.claimer.claim(oid, job.id)
+            return Settle(Action.BURY, reason="not a mail id", priority=self.default_priority)
+        try:
+            claim = await self.claimer.claim(oid, job.id)
+        except PyMongoError as exc:
+            # Not applied, or applied with the answer lost: either way the job is kept (a
+            # claim of ours that we do not hold is taken back when the job returns).
+            return self._put_off(job, oid, self.default_priority, f"{type(exc).__name__}: {exc}")
+        doc = claim.doc or {}
+        priority = int(doc.get("priority", self.default_priority))
         if claim.state is ClaimState.ERROR:
             assert claim.error is not None
             raise claim.error
         if claim.state is ClaimState.MISSING:
             log.error("job %s: no stored mail %s; burying it", job.id, oid)
-            return Settle(Action.BURY, reason="no such mail")
+            return Settle(Action.BURY, reason="no such mail", priority=priority)
         if claim.state is ClaimState.DONE:
             log.info(
-                "job %s: mail %s is already %s; deleting the redelivered job",
+                "job %s: mail %s is already %s; deleting the redelivered job", job.id, oid, doc["status"]
+            )
+            return Settle(Action.DELETE, reason="already finished", priority=priority)
+        if claim.state is ClaimState.CORRUPT:
+            log.error(
+                "job %s: mail %s has status %r, which mailer never writes; burying it",
                 job.id,
                 oid,
-                claim.doc and claim.doc["status"],
+                doc.get("status"),
             )
-            return Settle(Action.DELETE, reason="already finished")
-        if claim.state is ClaimState.CORRUPT:
-            status = (claim.doc or {}).get("status")
-            log.error(
-                "job %s: mail %s has status %r, which mailer never writes; burying it", job.id, oid, status
-            )
-            return Settle(Action.BURY, reason="corrupted status")
+            return Settle(Action.BURY, reason="corrupted status", priority=priority)
+        if claim.state is ClaimState.UNCLAIMED:
+            return self._put_off(job, oid, priority, "is MongoDB applying writes? a full disk does this")
         if claim.state is ClaimState.BUSY:
-            return await self._busy(job, queue, oid, claim.doc or {})
-        doc = claim.doc
-        assert doc is not None
+            return await self._busy(job, queue, oid, doc, priority)
+        self._unclaimed_since = None
+        held = self.held[oid]
         try:
             email = Email.from_stored(doc["mail"])
         except (ValidationError, KeyError, TypeError) as exc:
             error = f"stored mail is corrupted and cannot be sent: {str(exc)[:300]}"
             log.error("job %s: mail %s: %s", job.id, oid, error)
             await self._commit(
-                job, Finish(str(oid), Status.FAILED, list(doc.get("attempts") or []), error=error)
+                job, held, Finish(str(oid), Status.FAILED, list(doc.get("attempts") or []), error=error)
             )
-            return Settle(Action.BURY, reason="corrupted")
-        return Ready(job, oid, doc, email)
+            return Settle(Action.BURY, reason="corrupted", priority=priority)
+        return Ready(job, oid, doc, email, held)
 
-    async def _busy(self, job: Job, queue: Beanstalk, oid: ObjectId, held: Doc) -> Settle:
+    def _put_off(self, job: Job, oid: ObjectId, priority: int, why: str) -> Settle:
+        """The mail is claimable but its claim did not take: MongoDB is not applying writes
+        (a full disk, an outage), or others keep winning it. Its job may be its only job:
+        keep it, and try again later, the later the longer claims have been failing."""
+        now = self.monotonic()
+        if self._unclaimed_since is None:
+            self._unclaimed_since = now
+        delay = int(min(30.0, max(1.0, (now - self._unclaimed_since) / 2)))
+        if now - self._last_warning >= 5.0:
+            self._last_warning = now
+            log.warning(
+                "job %s: the claim on mail %s did not take (%s); its job is kept and tried again in %d s",
+                job.id,
+                oid,
+                why,
+                delay,
+            )
+        return Settle(Action.RELEASE, delay=delay, reason="claim did not take", priority=priority)
+
+    async def _busy(self, job: Job, queue: Beanstalk, oid: ObjectId, doc: Doc, priority: int) -> Settle:
         """The mail is claimed under a live lease. A twin job (the requeue sweep's, or a
         producer's retried put) is deleted: the lease holder finishes the mail. But if this
         very job was reserved before, its consumer died or lost beanstalkd (a dead
         connection's jobs are ready again at once): it is the mail's only job, so it waits
         out the lease, then finds the mail finished or takes the expired claim over."""
-        returning = held.get("job_id") == job.id
-        if not returning:
+        mine = self.held.get(oid)
+        returning = doc.get("job_id") == job.id or (mine is not None and mine.job_id == job.id)
+        if not returning and mine is None:
             try:
                 returning = int((await queue.stats_job(job.id)).get("reserves", 1)) > 1
             except BeanstalkError:
                 returning = True  # unsure: keeping a job is harmless, dropping one is not
         if returning:
-            wait = max(1, int(float(held.get("lease_until", 0.0)) - time.time() + 1.999))
+            wait = max(1, int(float(doc.get("lease_until", 0.0)) - self.clock() + 1.999))
             log.info("job %s: mail %s is still leased; trying again in %d s", job.id, oid, wait)
-            return Settle(Action.RELEASE, delay=wait, reason="leased")
-        log.info(
-            "job %s: mail %s is being delivered by another consumer; deleting this twin job", job.id, oid
-        )
-        return Settle(Action.DELETE, reason="twin")
+            return Settle(Action.RELEASE, delay=wait, reason="leased", priority=priority)
+        log.info("job %s: mail %s is being delivered under another job; deleting this twin", job.id, oid)
+        return Settle(Action.DELETE, reason="twin", priority=priority)
 
-    async def _deliver(self, job: Job, oid: ObjectId, doc: Doc, email: Email) -> Settle:
+    # --- the send ----------------------------------------------------------------------
+
+    def _stalled(self, since: float) -> float:
+        return 0.0 if self.stalls is None else self.stalls.stalled_between(since)
+
+    def _needs_fence(self, held: Held) -> bool:
+        """A fresh claim stands; an old one, or one that lived through a stall, may not."""
+        return self.monotonic() - held.claimed_at > self.lease_s / 2 or self._stalled(held.claimed_at) > 0
+
+    async def _fence(self, held: Held) -> bool:
+        """Renew the lease of our claim by its token; False when it no longer stands."""
+        now = self.monotonic()
+        try:
+            ok = await self.store.renew_claim(held.oid, held.token, self.lease_s, now=self.clock())
+        except PyMongoError as exc:
+            log.warning(
+                "mail %s: cannot check its claim (%s); sending nothing now", held.oid, type(exc).__name__
+            )
+            return False
+        if ok:
+            held.claimed_at = now
+        return ok
+
+    def _abandon(self, ready: Ready, attempts: list[Doc]) -> Settle:
+        tried = ", ".join(
+            f"{a['vendor']}: {a['outcome']}" for a in attempts[len(ready.doc.get("attempts") or []) :]
+        )
+        log.warning(
+            "mail %s: our claim no longer stands (its lease ran out, most likely while this process "
+            "stood still, and another consumer took it over); sending nothing more%s",
+            ready.oid,
+            f" (this round: {tried})" if tried else "",
+        )
+        return Settle(Action.RELEASE, delay=1, reason="claim lost", priority=ready.held.priority)
+
+    async def _deliver(self, ready: Ready) -> Settle:
+        job, oid, doc, email, held = ready.job, ready.oid, ready.doc, ready.email, ready.held
         mail_id = str(oid)
         attempts: list[Doc] = list(doc.get("attempts") or [])
         rounds = int(doc.get("rounds", 1))
-        tried = False
+        tried = False  # a request went to a vendor this round
         for vendor in self.registry.plan(job.id):
             if not self.registry.begin(vendor):
                 continue
-            tried = True
+            if (tried or self._needs_fence(held)) and not await self._fence(held):
+                self.registry.released(vendor)
+                return self._abandon(ready, attempts)
             started = dt.datetime.now(dt.UTC)
+            t0 = held.sending_since = self.monotonic()
             try:
                 result = await vendor.send(email, mail_id)
+            except UnsupportedByVendor as exc:
+                self.registry.released(vendor)
+                attempts.append(self._attempt(vendor.name, started, "unsupported", job, error=exc.reason))
+                continue
             except PermanentVendorError as exc:
                 self.registry.released(vendor)
                 attempts.append(self._attempt(vendor.name, started, "permanent", job, error=exc.reason))
                 await self._commit(
-                    job, Finish(mail_id, Status.FAILED, attempts, vendor=vendor.name, error=exc.reason)
+                    job, held, Finish(mail_id, Status.FAILED, attempts, vendor=vendor.name, error=exc.reason)
                 )
                 log.warning("mail %s refused by %s, not retried: %s", mail_id, vendor.name, exc.reason)
-                return Settle(Action.DELETE, reason="permanent")
+                return Settle(Action.DELETE, reason="permanent", priority=held.priority)
             except (TransientVendorError, VendorAuthError) as exc:
+                tried = True
                 outcome: Outcome = "auth" if isinstance(exc, VendorAuthError) else "transient"
                 if isinstance(exc, TransientVendorError) and exc.ambiguous:
                     # The vendor may have accepted it: failing over may send it twice.
                     outcome = "unknown"
-                attempts.append(self._attempt(vendor.name, started, outcome, job, error=exc.reason))
-                self.registry.failed(vendor, exc)
+                stalled = self._stalled(t0)
+                reason = exc.reason
+                if stalled and isinstance(exc, TransientVendorError):
+                    # Our own stall timed the request out, not the vendor: keep it available.
+                    reason += f" (this process stood still for {stalled:.1f} s during the send)"
+                    self.registry.released(vendor)
+                else:
+                    self.registry.failed(vendor, exc)
+                attempts.append(self._attempt(vendor.name, started, outcome, job, error=reason))
                 continue
             except asyncio.CancelledError:
                 self.registry.released(vendor)
+                cut = "cut off at shutdown while the vendor had the request: it may have been delivered"
+                held.interrupted = [*attempts, self._attempt(vendor.name, started, "unknown", job, error=cut)]
                 raise
-            except Exception as exc:  # an adapter bug: treat as an ambiguous vendor failure
+            except Exception as exc:  # an adapter bug, or a mail no check foresaw
+                tried = True
                 log.exception("vendor %s raised an unexpected error for mail %s", vendor.name, mail_id)
                 reason = f"unexpected {type(exc).__name__}: {str(exc)[:200]}"
                 attempts.append(self._attempt(vendor.name, started, "unknown", job, error=reason))
-                self.registry.failed(vendor, VendorError(vendor.name, reason))
+                self.registry.unexpected(vendor, mail_id, reason)
                 continue
+            finally:
+                held.sending_since = None
             self.registry.succeeded(vendor)
             attempts.append(self._attempt(vendor.name, started, "sent", job, message_id=result.message_id))
             # Sent: from here on nothing may cancel the record, or the mail would go twice. It
@@ -271,31 +463,48 @@ class Delivery:
             recording = asyncio.ensure_future(
                 self._commit(
                     job,
+                    held,
                     Finish(mail_id, Status.SENT, attempts, vendor=vendor.name, message_id=result.message_id),
                 )
             )
-            return Settle(Action.DELETE, reason="sent", recording=recording)
-        priority = int(doc.get("priority", self.settings.producer.default_priority))
-        return await self._retry_later(job, mail_id, attempts, rounds, tried, priority)
+            return Settle(Action.DELETE, reason="sent", recording=recording, priority=held.priority)
+        refusals = self._refusals(attempts)
+        if refusals is not None:
+            await self._commit(job, held, Finish(mail_id, Status.FAILED, attempts, error=refusals))
+            log.warning("mail %s failed: %s", mail_id, refusals)
+            return Settle(Action.DELETE, reason="unsupported", priority=held.priority)
+        return await self._retry_later(job, held, mail_id, attempts, rounds, tried)
+
+    def _refusals(self, attempts: list[Doc]) -> str | None:
+        """One reason naming each vendor's refusal, when every enabled vendor said it
+        cannot carry this mail (in this round or an earlier one); else None."""
+        said = {a["vendor"]: a.get("error") or "" for a in attempts if a.get("outcome") == "unsupported"}
+        names = [v.name for v in self.registry.vendors]
+        if not all(n in said for n in names):
+            return None
+        return "no enabled vendor can carry this mail: " + "; ".join(f"{n}: {said[n]}" for n in names)
 
     async def _retry_later(
-        self, job: Job, mail_id: str, attempts: list[Doc], rounds: int, tried: bool, priority: int
+        self, job: Job, held: Held, mail_id: str, attempts: list[Doc], rounds: int, tried: bool
     ) -> Settle:
         c = self.settings.consumer
         now = self.clock()
+        priority = held.priority
+        last_error = next((a.get("error") for a in reversed(attempts) if a.get("error")), None)
         if not tried and self.registry.next_available_at() <= now:
             # Nothing was tried, yet no vendor is in its cooldown: each is half-open with
-            # another mail's probe in flight. That says nothing about this mail, so the round
-            # does not count; otherwise, after an outage, the mails arriving while the probes
-            # run would spend rounds (their last one too) waiting on them, and fail although
-            # every vendor is back. Try again in a second.
+            # another mail's probe in flight (or said it cannot carry this mail). That says
+            # nothing about this mail, so the round does not count; otherwise, after an
+            # outage, the mails arriving while the probes run would spend rounds (their last
+            # one too) waiting on them, and fail although every vendor is back. Again in 1 s.
             await self._commit(
                 job,
+                held,
                 Finish(
                     mail_id,
                     Status.RETRYING,
                     attempts,
-                    error=next((a.get("error") for a in reversed(attempts) if a.get("error")), None),
+                    error=last_error,
                     next_attempt_ts=now + 1,
                     extra={"rounds": rounds - 1},
                 ),
@@ -304,18 +513,20 @@ class Delivery:
         if not tried:
             now_dt = dt.datetime.now(dt.UTC)
             attempts.append(self._attempt("-", now_dt, "unavailable", job, error="no vendor available"))
-        last_error = next((a.get("error") for a in reversed(attempts) if a.get("error")), None)
+            last_error = last_error or "no vendor available"
         if rounds >= c.max_attempts:
             error = f"gave up after {rounds} rounds: {last_error or 'no vendor available'}"
-            await self._commit(job, Finish(mail_id, Status.FAILED, attempts, error=error))
+            await self._commit(job, held, Finish(mail_id, Status.FAILED, attempts, error=error))
             log.error("mail %s failed: %s", mail_id, error)
-            return Settle(Action.BURY, reason="max attempts")
-        delay = backoff_delay(rounds, c.backoff_base_s, c.backoff_cap_s)
+            return Settle(Action.BURY, reason="max attempts", priority=priority)
+        delay = backoff_delay(rounds, c.backoff_base_s, c.backoff_cap_s, jitter=self.rand())
         # No point coming back before a vendor can take it again.
         delay = min(max(delay, self.registry.next_available_at() - now), max(c.backoff_cap_s, 0.0))
         delay_s = max(0, int(delay + 0.999))
         await self._commit(
-            job, Finish(mail_id, Status.RETRYING, attempts, error=last_error, next_attempt_ts=now + delay_s)
+            job,
+            held,
+            Finish(mail_id, Status.RETRYING, attempts, error=last_error, next_attempt_ts=now + delay_s),
         )
         return Settle(Action.RELEASE, delay=delay_s, reason="retry", priority=priority)
 
@@ -341,18 +552,19 @@ class Delivery:
         )
         return attempt_doc(record)
 
-    async def _commit(self, job: Job, finish: Finish) -> None:
+    async def _commit(self, job: Job, held: Held, finish: Finish) -> None:
         """Write through the group commit; retry while MongoDB is away (bounded by the lease),
-        because giving up here would mean sending the mail again later."""
-        finish.job_id, finish.consumer = job.id, self.consumer_id
-        deadline = time.monotonic() + self.lease_s * 0.8
+        because giving up here would mean sending the mail again later. Only MongoDB's own
+        failures are retried: anything else is a bug that retrying would not mend."""
+        finish.job_id, finish.consumer, finish.claim = job.id, self.consumer_id, held.token
+        deadline = self.monotonic() + self.lease_s * 0.8
         pause = 0.2
         while True:
             try:
                 await self.committer.commit(finish)
                 return
-            except Exception as exc:
-                if time.monotonic() + pause > deadline:
+            except (PyMongoError, StoreError) as exc:
+                if self.monotonic() + pause > deadline:
                     raise
                 log.warning(
                     "recording mail %s failed (%s); retrying in %.1f s",

@@ -88,7 +88,11 @@ class Draining(BeanstalkServerError):
 
 class OutOfMemory(BeanstalkServerError):
     reply = "OUT_OF_MEMORY"
-    hint = "beanstalkd could not allocate memory; drain the queue or give the server more memory"
+    # beanstalkd answers OUT_OF_MEMORY too when it cannot write its binlog (a full disk).
+    hint = (
+        "beanstalkd could not allocate memory or its binlog disk is full; free disk space "
+        "under its -b directory, drain the queue, or give the server more memory"
+    )
 
 
 class InternalError(BeanstalkServerError):
@@ -155,6 +159,11 @@ SERVER_ERRORS: dict[str, type[BeanstalkServerError]] = {
 
 class StoreError(MailerError):
     """MongoDB could not be reached or refused an operation."""
+
+
+class StoreUnavailable(StoreError, ConnectionError):
+    """MongoDB cannot be reached (down, wrong host, network): waiting may help, unlike a
+    refused configuration."""
 
 
 class MailNotFound(StoreError):

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailer.batching import Batcher
+from pymongo.errors import PyMongoError
+
+from mailer.batching import Batcher, take
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings, load_settings
 from mailer.errors import (
@@ -30,12 +33,16 @@ from mailer.errors import (
 )
 from mailer.lifecycle import AsyncResource
 from mailer.models import Email, MailRecord, parse_email
-from mailer.store import Doc, MailStore
+from mailer.store import MAX_DOCUMENT_BYTES, Doc, MailStore
 from mailer.throughput import ThroughputMeter
 
 log = logging.getLogger("mailer.producer")
 EmailInput = Email | dict[str, Any] | str | bytes
 _MAX_BATCH = 1000
+# A group commit's documents, in (estimated) bytes: pymongo splits an insert_many at 48 MB
+# by itself, but one call still has to finish within mongodb.timeout_ms, so big mails go in
+# small batches (a mail bigger than this goes alone) and cannot time out their neighbours.
+_MAX_BATCH_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -45,6 +52,23 @@ class _Entry:
     doc: Doc
     priority: int
     delay: int
+    size: int  # estimated bytes as stored, for bounding batches
+
+
+def _approx_bytes(mail: Email) -> int:
+    """The stored size, estimated in O(attachments): exact for attachments (the bulk of any
+    big mail), characters for bodies (at most 4x under: UTF-8), a flat allowance for the
+    rest. Measuring exactly (BSON-encoding every mail) would double the send path's CPU."""
+    bodies = len(mail.text or "") + len(mail.html or "")
+    return 2048 + bodies + sum(len(a.content) for a in mail.attachments)
+
+
+def _leader(entries: Sequence[_Entry]) -> str:
+    """The mail whose document carries the batch's job receipt: the smallest (the receipt
+    must fit beside it), and one with no idempotency key if any (it cannot turn out to be
+    someone else's mail and so not be stored)."""
+    keyless = [e for e in entries if "idempotency_key" not in e.doc]
+    return str(min(keyless or entries, key=lambda e: e.size).doc["_id"])
 
 
 def _copy_error(exc: BaseException) -> MailerError:
@@ -74,7 +98,11 @@ class Producer(AsyncResource):
         self._meter = ThroughputMeter("Producer", self.settings.throughput_interval_s)
         self._reconnect_lock = asyncio.Lock()
         self._sends: Batcher[_Entry, str | MailerError] = Batcher(
-            self._store_and_queue, max_batch=_MAX_BATCH, on_error=_copy_error
+            self._store_and_queue,
+            max_batch=_MAX_BATCH,
+            max_weight=_MAX_BATCH_BYTES,
+            weigh=lambda e: e.size,
+            on_error=_copy_error,
         )
         self._connected = False
 
@@ -124,8 +152,14 @@ class Producer(AsyncResource):
         return email.priority if email.priority is not None else self.settings.producer.default_priority
 
     def _entry(self, mail: Email) -> _Entry:
+        """The mail's document, refused here if MongoDB would refuse it (only a mail big
+        enough to come near the limit is measured exactly)."""
         priority = self._priority(mail)
-        return _Entry(MailStore.new_document(mail, priority=priority), priority, mail.delay_seconds())
+        doc = MailStore.new_document(mail, priority=priority)
+        size = _approx_bytes(mail)
+        if size > MAX_DOCUMENT_BYTES // 4 and (why := MailStore.too_large(doc)) is not None:
+            raise StoreError(why)
+        return _Entry(doc, priority, mail.delay_seconds(), size)
 
     async def send(self, email: EmailInput) -> str:
         """Store and queue one mail; return its id (24 hex characters).
@@ -167,8 +201,11 @@ class Producer(AsyncResource):
         ids: list[str] = []
         refused: list[StoreError] = []
         unqueued: list[EnqueueError] = []
-        for start in range(0, len(entries), _MAX_BATCH):
-            for result in await self._store_and_queue(entries[start : start + _MAX_BATCH]):
+        start = 0
+        while start < len(entries):
+            n = take(entries[start : start + _MAX_BATCH], _MAX_BATCH_BYTES, lambda e: e.size)
+            chunk, start = entries[start : start + n], start + n
+            for result in await self._store_and_queue(chunk):
                 if isinstance(result, StoreError):
                     refused.append(result)
                 elif isinstance(result, EnqueueError):
@@ -187,10 +224,14 @@ class Producer(AsyncResource):
         return ids
 
     async def _store_and_queue(self, entries: list[_Entry]) -> list[str | MailerError]:
-        """One ``insert_many``, then one pipelined write of puts per (priority, delay).
+        """One ``insert_many``, then one pipelined write of puts per (priority, delay), then
+        one small write of the puts' receipt (what makes the requeue sweep exact).
 
         Per entry: its id, or the error that concerns it alone.
         """
+        leader, now = _leader(entries), time.time()
+        for entry in entries:
+            entry.doc["batch"], entry.doc["queued_ts"] = leader, now
         try:
             stored = await self.store.insert_many([e.doc for e in entries])
         except StoreError:
@@ -210,7 +251,7 @@ class Producer(AsyncResource):
             results.append(mail_id)
             if new:
                 groups.setdefault((entry.priority, entry.delay), []).append(i)
-        queued = 0
+        queued: dict[str, int] = {}
         for (priority, delay), indexes in groups.items():
             ids = [str(results[i]) for i in indexes]
             puts: list[int | BeanstalkServerError] | list[BeanstalkError]
@@ -224,9 +265,34 @@ class Producer(AsyncResource):
                     error.__cause__ = put
                     results[i] = error
                 else:
-                    queued += 1
-        self._meter.add(queued)
+                    queued[mail_id] = put
+        self._meter.add(len(queued))
+        await self._record_jobs(leader, stored, queued)
         return results
+
+    async def _record_jobs(
+        self, leader: str, stored: Sequence[tuple[str, bool] | StoreError], jobs: dict[str, int]
+    ) -> None:
+        """Write the receipt; on the leader, or per mail if the leader was not stored.
+
+        A failure here is logged, not raised: the mails are stored and queued. Without the
+        receipt the sweep cannot see their jobs, and once the in-flight bound has passed it
+        queues them a second time, which is harmless (the consumer's claim lets one deliver).
+        """
+        new = {o[0] for o in stored if isinstance(o, tuple) and o[1]}
+        if not new:
+            return
+        try:
+            if leader in new:
+                await self.store.record_jobs(leader, jobs)
+            else:
+                await self.store.record_job_ids(jobs)
+        except PyMongoError as exc:
+            log.warning(
+                "could not record the jobs of %d mail(s) (%s); the requeue sweep may queue them twice",
+                len(jobs),
+                type(exc).__name__,
+            )
 
     async def status(self, mail_id: str) -> MailRecord:
         """The stored record of a mail: status, attempts, vendor, message id."""

@@ -54,6 +54,8 @@ class VendorRegistry:
         cooldown_s: float = 600.0,
         refresh_s: float = 5.0,
         clock: Clock = time.time,
+        unexpected_marks: int = 5,
+        unexpected_window_s: float = 60.0,
     ) -> None:
         if not vendors:
             raise ValueError("a registry needs at least one vendor")
@@ -66,6 +68,9 @@ class VendorRegistry:
         self.refresh_s = refresh_s
         self.clock = clock
         self._breakers = {v.name: _Breaker() for v in self.vendors}
+        self.unexpected_marks = unexpected_marks
+        self.unexpected_window_s = unexpected_window_s
+        self._unexpected: dict[str, dict[str, float]] = {}  # vendor -> {mail id: when}
         self._refresh_task: asyncio.Task[None] | None = None
         self._pending_writes: set[asyncio.Task[None]] = set()
 
@@ -94,14 +99,20 @@ class VendorRegistry:
                 log.exception("closing vendor %s failed", vendor.name)
 
     async def refresh(self) -> None:
-        """Adopt the shared marks (another process may have opened or closed a breaker)."""
+        """Adopt the shared marks: another process may have opened or closed a breaker, and
+        an operator may have cleared one (``mailer vendors --reset``) or deleted its document;
+        a vendor with no document is available. While this process's own marks are still
+        being written, a mark is only ever raised, so a read that overtakes the write cannot
+        take a just-failed vendor back."""
         if self.store is None:
             return
         marks = await self.store.vendor_marks()
-        for name, (until, reason) in marks.items():
-            breaker = self._breakers.get(name)
-            if breaker is not None:
-                breaker.until, breaker.reason = until, reason
+        writing = bool(self._pending_writes)
+        for name, breaker in self._breakers.items():
+            until, reason = marks.get(name, (0.0, ""))
+            if writing and until < breaker.until:
+                continue
+            breaker.until, breaker.reason = until, reason
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -180,6 +191,23 @@ class VendorRegistry:
             )
         if self.store is not None:
             self._write(self.store.mark_vendor(vendor.name, until, error.reason))
+
+    def unexpected(self, vendor: Vendor, mail_id: str, reason: str) -> bool:
+        """An adapter raised something that is not a vendor error (a bug, or a mail no check
+        foresaw). That is the mail's problem first: the vendor is marked only once
+        ``unexpected_marks`` distinct mails failed so within ``unexpected_window_s``, so one
+        odd mail never takes a vendor away from every other mail. True when it was marked."""
+        now = self.clock()
+        seen = self._unexpected.setdefault(vendor.name, {})
+        seen[mail_id] = now
+        for old in [m for m, t in seen.items() if now - t > self.unexpected_window_s]:
+            del seen[old]
+        if len(seen) < self.unexpected_marks:
+            self.released(vendor)
+            return False
+        seen.clear()
+        self.failed(vendor, VendorError(vendor.name, f"{self.unexpected_marks} mails failed alike: {reason}"))
+        return True
 
     def released(self, vendor: Vendor) -> None:
         """A begun send ended without a verdict (permanent error, cancel): end any probe."""

@@ -14,27 +14,42 @@ standard operations, chosen where nx-27017 differs silently (see shared/mongodb-
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import bson
 from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConfigurationError,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 
 from mailer.config import Settings
-from mailer.errors import MailNotFound, StoreError
+from mailer.errors import ConfigError, MailNotFound, StoreError, StoreUnavailable
 from mailer.lifecycle import AsyncResource
 from mailer.models import Attempt, Email, MailRecord, Status
 
 Doc = dict[str, Any]
 _CLAIMABLE = [Status.QUEUED.value, Status.RETRYING.value]
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's documented BSON document limit
+# What the requeue sweep reads of a candidate.
+_SWEEP_FIELDS = ("status", "priority", "job_id", "batch", "queued_ts", "requeued_ts", "lease_until")
+# What a failed claim reads back to tell why.
+_CLAIM_VIEW = {"status": 1, "lease_until": 1, "job_id": 1, "consumer": 1, "claim": 1, "priority": 1}
+# Claims of one still-claimable mail that may fail in a row before its job is put off.
+_CLAIM_TRIES = 3
 
 
 def parse_mail_id(value: str | bytes) -> ObjectId | None:
@@ -58,6 +73,7 @@ class ClaimState(Enum):
     MISSING = "missing"  # no such document: a poison job
     DONE = "done"  # already sent or failed: a redelivery, send nothing
     BUSY = "busy"  # another consumer holds a live lease: a twin job
+    UNCLAIMED = "unclaimed"  # claimable, yet claims did not take: keep the job, try later
     ERROR = "error"  # this document could not be judged (``error`` says why); the batch goes on
     CORRUPT = "corrupt"  # a status mailer never writes (or none): a poison job
 
@@ -86,18 +102,30 @@ class Finish:
     error: str | None = None
     next_attempt_ts: float | None = None
     job_id: int | None = None
-    # The claimer: a retry or failure is only written while it still holds the claim (if its
-    # lease was taken over, the new holder's outcome stands). A send is always written.
+    # The claimer and its claim's token: a retry or failure is only written while that claim
+    # still stands (if its lease was taken over, the new holder's outcome stands). A send is
+    # always written: the mail went out, whoever holds the claim now.
     consumer: str | None = None
+    claim: str | None = None
     extra: Doc = field(default_factory=dict)
 
 
-def _claim_update(consumer: str, lease_s: float, *, job_id: int | None = None, token: str = "") -> Doc:
+def short_reason(exc: OperationFailure) -> str:
+    """The server's own words, one line, without the echo of the command (which may quote a
+    mail's content)."""
+    details = exc.details if isinstance(exc.details, dict) else {}
+    lines = str(details.get("errmsg") or exc).splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def _claim_update(
+    consumer: str, lease_s: float, *, token: str, job_id: int | None = None, now: float | None = None
+) -> Doc:
     fields: Doc = {
         "status": Status.SENDING.value,
         "consumer": consumer,
         "claim": token,
-        "lease_until": time.time() + lease_s,
+        "lease_until": (time.time() if now is None else now) + lease_s,
     }
     if job_id is not None:
         fields["job_id"] = job_id
@@ -132,15 +160,24 @@ class MailStore(AsyncResource):
             return
         m = self.settings.mongodb
         if self._client is None:
-            self._client = AsyncMongoClient(
-                m.uri.get_secret_value(),
-                tz_aware=True,
-                tzinfo=dt.UTC,
-                timeoutMS=m.timeout_ms,
-                serverSelectionTimeoutMS=m.timeout_ms,
-                connectTimeoutMS=m.timeout_ms,
-                appname="mailer",
-            )
+            try:
+                self._client = AsyncMongoClient(
+                    m.uri.get_secret_value(),
+                    tz_aware=True,
+                    tzinfo=dt.UTC,
+                    timeoutMS=m.timeout_ms,
+                    serverSelectionTimeoutMS=m.timeout_ms,
+                    connectTimeoutMS=m.timeout_ms,
+                    appname="mailer",
+                )
+            except (ConfigurationError, ValueError) as exc:
+                # pymongo parses the URI here (a ValueError for some bad ports and unescaped
+                # passwords). Its message may quote parts of the URI, so only the type is shown.
+                raise ConfigError(
+                    f"mongodb.uri is unusable ({type(exc).__name__}): percent-escape the user name "
+                    "and password (urllib.parse.quote_plus), check the host, port and options, and "
+                    "that a mongodb+srv:// host resolves"
+                ) from None
         db = self._client.get_default_database(default=m.database or "mailer")
         if m.database:
             db = self._client[m.database]
@@ -148,9 +185,27 @@ class MailStore(AsyncResource):
         self._vendors = db[m.vendor_status_collection]
         try:
             await self.ensure_indexes()
-        except PyMongoError as exc:
+        except (PyMongoError, KeyError) as exc:
             await self.close()
-            raise StoreError(
+            if isinstance(exc, KeyError) or (isinstance(exc, OperationFailure) and exc.code in (13, 18)):
+                # 13 Unauthorized, 18 AuthenticationFailed; a KeyError is pymongo's SCRAM
+                # handshake reading a reply field that a server without authentication
+                # (nx-27017) does not send. A ConfigError: retrying cannot help, the URI must change.
+                raise ConfigError(
+                    "MongoDB did not accept the credentials in mongodb.uri: check the user name, the "
+                    "password and the authSource, or drop them if the server has no authentication"
+                ) from None
+            if isinstance(exc, OperationFailure):
+                # The server answered, and refused: saying "cannot reach" would send the
+                # operator to the network. nx-27017 and MongoDB both say so on a full disk.
+                detail = short_reason(exc)
+                full = "full" in detail.lower() or "space" in detail.lower() or exc.code == 14031
+                hint = "free disk space on the MongoDB server" if full else "see the server's log"
+                code = "" if exc.code is None else f"code {exc.code}: "
+                raise StoreError(
+                    f"MongoDB refused to set up collection {m.collection!r} ({code}{detail}); {hint}"
+                ) from None
+            raise StoreUnavailable(
                 f"cannot reach MongoDB ({type(exc).__name__}): check mongodb.uri and that the server "
                 "is running ('make services' starts the local one)"
             ) from None
@@ -181,9 +236,15 @@ class MailStore(AsyncResource):
 
     @staticmethod
     def new_document(email: Email, *, priority: int) -> Doc:
+        """A new mail's document. ``batch`` names the mail whose document will carry the
+        receipt of this mail's job (itself, until the producer groups it with others) and
+        ``queued_ts`` is when the mail left for MongoDB; the producer stamps both again just
+        before the write, so a batch that waited in line is not taken for an old one."""
         now = dt.datetime.now(dt.UTC)
+        oid = ObjectId()
+        ts = time.time()
         doc: Doc = {
-            "_id": ObjectId(),
+            "_id": oid,
             "status": Status.QUEUED.value,
             "mail": email.model_dump(mode="python", exclude_none=True),
             "priority": priority,
@@ -193,13 +254,32 @@ class MailStore(AsyncResource):
             "attempts": [],
             "job_id": None,
             "lease_until": 0.0,
-            "next_attempt_ts": time.time() + email.delay_seconds(now),
+            "next_attempt_ts": ts + email.delay_seconds(now),
             "requeued_ts": None,
+            "batch": str(oid),
+            "queued_ts": ts,
         }
         if email.idempotency_key is not None:
             # Only when set: the unique index is sparse, so absent keys never collide.
             doc["idempotency_key"] = email.idempotency_key
         return doc
+
+    @staticmethod
+    def too_large(doc: Doc) -> str | None:
+        """Why MongoDB would refuse this document on its own (over its 16 MiB limit), or None.
+
+        Checked before the write, not left to the server: real MongoDB refuses such a
+        document alone, but nx-27017 takes it and stalls the whole batch past its timeout.
+        Encoding costs about 10 us per small mail, so callers only ask for large ones.
+        """
+        size = len(bson.encode(doc))
+        if size <= MAX_DOCUMENT_BYTES:
+            return None
+        return (
+            f"the mail is {size} bytes as stored, over MongoDB's {MAX_DOCUMENT_BYTES} byte (16 MiB) "
+            "document limit: make its attachments smaller (or set producer.max_email_bytes below "
+            "12 MB); nothing was stored"
+        )
 
     async def insert(self, doc: Doc) -> tuple[str, bool]:
         """Insert one new mail; ``(id, False)`` when its idempotency key was already used."""
@@ -215,8 +295,11 @@ class MailStore(AsyncResource):
     async def insert_many(self, docs: Sequence[Doc]) -> list[tuple[str, bool] | StoreError]:
         """One unordered ``insert_many``; per doc ``(id, new)`` or the error for that doc alone.
 
-        A doc whose idempotency key is known gets the existing id and ``new=False``. Errors of
-        the whole call (MongoDB unreachable) raise: it is then unknown which docs were stored.
+        A doc whose idempotency key is known gets the existing id and ``new=False``. When the
+        call fails as a whole (a timeout, a refused message), the docs are written again one
+        by one, at once: ids are fixed, so a doc the failed call did store is recognised (its
+        ``_id`` is taken) instead of duplicated, and one bad doc fails only itself. A single
+        doc's whole-call failure raises: it is then unknown whether it was stored.
         """
         if not docs:
             return []
@@ -225,6 +308,10 @@ class MailStore(AsyncResource):
             await self.mails.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
             refused = {int(err["index"]): err for err in exc.details.get("writeErrors", [])}
+        except PyMongoError:
+            if len(docs) == 1:
+                raise
+            return list(await asyncio.gather(*(self._insert_alone(doc) for doc in docs)))
         out: list[tuple[str, bool] | StoreError] = []
         for i, doc in enumerate(docs):
             err = refused.get(i)
@@ -240,11 +327,54 @@ class MailStore(AsyncResource):
                 out.append((existing, False))
         return out
 
+    async def _insert_alone(self, doc: Doc) -> tuple[str, bool] | StoreError:
+        """One doc of a batch that failed as a whole, written again by itself."""
+        try:
+            await self.mails.insert_one(doc)
+        except DuplicateKeyError:
+            if await self.mails.find_one({"_id": doc["_id"]}, {"_id": 1}) is not None:
+                return str(doc["_id"]), True  # the failed batch did store it
+            existing = await self._by_key(doc.get("idempotency_key"))
+            if existing is None:
+                return StoreError("MongoDB refused the mail as a duplicate, yet no mail holds its key")
+            return existing, False
+        except PyMongoError as exc:
+            return StoreError(
+                f"MongoDB failed during the write ({type(exc).__name__}: {exc}); the mail may or may "
+                "not be stored: if it is, the requeue sweep queues it"
+            )
+        return str(doc["_id"]), True
+
     async def _by_key(self, key: str | None) -> str | None:
         if key is None:
             return None
         found = await self.mails.find_one({"idempotency_key": {"$eq": key}}, {"_id": 1})
         return None if found is None else str(found["_id"])
+
+    async def record_jobs(self, leader: str, jobs: dict[str, int]) -> None:
+        """The receipt of a batch's puts, ``{mail id: job id}``, on one mail of the batch.
+
+        One small update per batch, never one per mail: the mails point at it by ``batch``.
+        This is what lets the requeue sweep ask beanstalkd about each mail's own job.
+        """
+        await self.mails.update_one({"_id": ObjectId(leader)}, {"$set": {"batch_jobs": jobs}})
+
+    async def record_job_ids(self, jobs: dict[str, int]) -> None:
+        """Each mail's own job id, for mails no receipt can carry (their leader was not
+        stored) and for the sweep's requeues; one ``bulk_write``."""
+        if jobs:
+            ops = [UpdateOne({"_id": ObjectId(m)}, {"$set": {"job_id": j}}) for m, j in jobs.items()]
+            await self.mails.bulk_write(ops, ordered=False)
+
+    async def receipts(self, leaders: Iterable[str]) -> dict[str, dict[str, int] | None]:
+        """``{leader: {mail id: job id}}`` (None: no receipt yet) for the leaders still stored."""
+        oids = [oid for oid in {parse_mail_id(x) for x in leaders} if oid is not None]
+        out: dict[str, dict[str, int] | None] = {}
+        async for doc in self.mails.find({"_id": {"$in": oids}}, {"batch_jobs": 1}):
+            jobs = doc.get("batch_jobs")
+            receipt = {str(k): int(v) for k, v in jobs.items()} if isinstance(jobs, dict) else None
+            out[str(doc["_id"])] = receipt
+        return out
 
     async def get(self, mail_id: str) -> MailRecord:
         oid = parse_mail_id(mail_id)
@@ -263,38 +393,94 @@ class MailStore(AsyncResource):
 
     # --- the deliver path --------------------------------------------------------------
 
-    async def claim(self, oid: ObjectId, *, job_id: int, consumer: str, lease_s: float) -> Claim:
+    async def claim(
+        self,
+        oid: ObjectId,
+        *,
+        job_id: int,
+        consumer: str,
+        lease_s: float,
+        now: float | None = None,
+        active: Container[ObjectId] = (),
+    ) -> Claim:
         """Take a mail for delivery in one atomic ``find_one_and_update`` that returns it.
 
         Claimable: queued/retrying, or sending under a lease that has run out (its consumer
-        died). The common case is one round trip; only when it fails is the document read
-        again, to tell why or to take over an expired lease. (The two cases are separate
-        queries, not one ``$or``: nx-27017 answers an ``$or`` with a collection scan.)
+        died), or sending under a claim of ``consumer`` itself that it no longer works on
+        (not in ``active``: its own claim was applied although the reply timed out). The
+        common case is one round trip; only when it fails is the document read again, to
+        tell why or to take over an expired lease. (The two cases are separate queries, not
+        one ``$or``: nx-27017 answers an ``$or`` with a collection scan.)
         """
+        token = uuid.uuid4().hex
         doc = await self.mails.find_one_and_update(
             {"_id": oid, "status": {"$in": _CLAIMABLE}},
-            _claim_update(consumer, lease_s, job_id=job_id),
+            _claim_update(consumer, lease_s, job_id=job_id, token=token, now=now),
             return_document=ReturnDocument.AFTER,
         )
         if doc is not None:
             return Claim(ClaimState.CLAIMED, doc)
-        current = await self.mails.find_one({"_id": oid}, {"status": 1, "lease_until": 1, "job_id": 1})
-        return await self._explain(oid, current, job_id=job_id, consumer=consumer, lease_s=lease_s)
+        return await self._claim_again(
+            oid, job_id=job_id, consumer=consumer, lease_s=lease_s, now=now, active=active
+        )
 
-    async def _take_over(self, oid: ObjectId, *, job_id: int, consumer: str, lease_s: float) -> Claim:
-        """Claim a mail whose consumer died: its lease ran out while it was ``sending``."""
-        doc = await self.mails.find_one_and_update(
-            {"_id": oid, "status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": time.time()}},
-            _claim_update(consumer, lease_s, job_id=job_id),
-            return_document=ReturnDocument.AFTER,
-        )
-        if doc is not None:
-            return Claim(ClaimState.CLAIMED, doc)
-        # Someone else changed it meanwhile: look again.
-        return await self.claim(oid, job_id=job_id, consumer=consumer, lease_s=lease_s)
+    async def _claim_again(
+        self,
+        oid: ObjectId,
+        *,
+        job_id: int,
+        consumer: str,
+        lease_s: float,
+        now: float | None,
+        active: Container[ObjectId],
+        current: Doc | None = None,
+    ) -> Claim:
+        """The claim did not take: read why, and try again a bounded number of times.
+
+        A mail that is still claimable after ``_CLAIM_TRIES`` claims that did not take is
+        ``UNCLAIMED``, never ``BUSY``: either MongoDB is not applying writes (nx-27017 answers
+        a ``find_one_and_update`` on a full disk with no match and no error) or other
+        consumers keep winning and releasing it. Its job must be kept and tried later; a
+        ``BUSY`` job may be deleted as a twin, which would leave the mail to the sweep.
+        """
+        for _ in range(_CLAIM_TRIES):
+            if current is None:
+                current = await self.mails.find_one({"_id": oid}, _CLAIM_VIEW)
+            if current is None:
+                return Claim(ClaimState.MISSING)
+            status = current.get("status")
+            if status in (Status.SENT.value, Status.FAILED.value):
+                return Claim(ClaimState.DONE, current)
+            if status not in _CLAIMABLE and status != Status.SENDING.value:
+                return Claim(ClaimState.CORRUPT, current)
+            t = time.time() if now is None else now
+            where: Doc = {"_id": oid, "status": {"$in": _CLAIMABLE}}
+            if status == Status.SENDING.value:
+                expired = float(current.get("lease_until", 0)) < t
+                abandoned = current.get("consumer") == consumer and oid not in active
+                if not (expired or abandoned):
+                    return Claim(ClaimState.BUSY, current)
+                # Compare-and-set on the very claim we saw, so two takers cannot both win.
+                where = {"_id": oid, "status": {"$eq": Status.SENDING.value}, "claim": current.get("claim")}
+            token = uuid.uuid4().hex
+            doc = await self.mails.find_one_and_update(
+                where,
+                _claim_update(consumer, lease_s, job_id=job_id, token=token, now=now),
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                return Claim(ClaimState.CLAIMED, doc)
+            current = None  # someone else changed it meanwhile (or the write did not apply)
+        return Claim(ClaimState.UNCLAIMED, current)
 
     async def claim_many(
-        self, requests: Sequence[tuple[ObjectId, int]], *, consumer: str, lease_s: float
+        self,
+        requests: Sequence[tuple[ObjectId, int]],
+        *,
+        consumer: str,
+        lease_s: float,
+        now: float | None = None,
+        active: Container[ObjectId] = (),
     ) -> list[Claim]:
         """Claim many mails in two round trips: one ``update_many`` and one ``find``.
 
@@ -310,7 +496,7 @@ class MailStore(AsyncResource):
         oids = list({oid: None for oid, _ in requests})
         await self.mails.update_many(
             {"_id": {"$in": oids}, "status": {"$in": _CLAIMABLE}},
-            _claim_update(consumer, lease_s, token=token),
+            _claim_update(consumer, lease_s, token=token, now=now),
         )
         found = {doc["_id"]: doc async for doc in self.mails.find({"_id": {"$in": oids}})}
         claims: list[Claim] = []
@@ -326,7 +512,15 @@ class MailStore(AsyncResource):
             else:
                 try:
                     claims.append(
-                        await self._explain(oid, doc, job_id=job_id, consumer=consumer, lease_s=lease_s)
+                        await self._claim_again(
+                            oid,
+                            job_id=job_id,
+                            consumer=consumer,
+                            lease_s=lease_s,
+                            now=now,
+                            active=active,
+                            current=doc,
+                        )
                     )
                 except PyMongoError:
                     raise
@@ -334,20 +528,20 @@ class MailStore(AsyncResource):
                     claims.append(Claim(ClaimState.ERROR, doc, error=exc))
         return claims
 
-    async def _explain(
-        self, oid: ObjectId, current: Doc | None, *, job_id: int, consumer: str, lease_s: float
-    ) -> Claim:
-        """Why a mail could not be claimed, taking over an expired lease on the way."""
-        if current is None:
-            return Claim(ClaimState.MISSING)
-        status = current.get("status")
-        if status in (Status.SENT.value, Status.FAILED.value):
-            return Claim(ClaimState.DONE, current)
-        if status not in _CLAIMABLE and status != Status.SENDING.value:
-            return Claim(ClaimState.CORRUPT, current)
-        if status == Status.SENDING.value and float(current.get("lease_until", 0)) < time.time():
-            return await self._take_over(oid, job_id=job_id, consumer=consumer, lease_s=lease_s)
-        return Claim(ClaimState.BUSY, current)
+    async def renew_claim(
+        self, oid: ObjectId, token: str, lease_s: float, *, now: float | None = None
+    ) -> bool:
+        """Fence: extend the lease of claim ``token`` if it is still the mail's claim.
+
+        False when the claim was taken over (its lease ran out while this process stalled)
+        or the mail was finished: the caller must then send nothing more for it.
+        """
+        t = time.time() if now is None else now
+        result = await self.mails.update_one(
+            {"_id": oid, "status": {"$eq": Status.SENDING.value}, "claim": {"$eq": token}},
+            {"$set": {"lease_until": t + lease_s}},
+        )
+        return result.matched_count == 1
 
     async def extend_lease(self, oid: ObjectId, consumer: str, lease_s: float) -> None:
         await self.mails.update_one(
@@ -386,9 +580,12 @@ class MailStore(AsyncResource):
         if f.job_id is not None:
             fields["job_id"] = f.job_id
         where: Doc = {"_id": ObjectId(f.mail_id)}
-        if f.consumer is not None and f.status is not Status.SENT:
-            where["consumer"] = {"$eq": f.consumer}
+        if f.status is not Status.SENT and (f.consumer is not None or f.claim is not None):
             where["status"] = {"$eq": Status.SENDING.value}
+            if f.claim is not None:
+                where["claim"] = {"$eq": f.claim}
+            else:
+                where["consumer"] = {"$eq": f.consumer}
         return UpdateOne(where, {"$set": fields, "$currentDate": dates})
 
     async def finish_many(self, finishes: Iterable[Finish]) -> None:
@@ -397,10 +594,16 @@ class MailStore(AsyncResource):
         if ops:
             await self.mails.bulk_write(ops, ordered=False)
 
-    async def release_claim(self, oid: ObjectId, status: Status = Status.QUEUED) -> None:
-        """Give an unfinished claim back (shutdown) so the next consumer can take it at once."""
+    async def release_claim(
+        self, oid: ObjectId, status: Status = Status.QUEUED, *, token: str | None = None
+    ) -> None:
+        """Give an unfinished claim back (shutdown) so the next consumer can take it at once;
+        with ``token``, only if that claim still stands (never another consumer's)."""
+        where: Doc = {"_id": oid, "status": {"$eq": Status.SENDING.value}}
+        if token is not None:
+            where["claim"] = {"$eq": token}
         await self.mails.update_one(
-            {"_id": oid, "status": {"$eq": Status.SENDING.value}},
+            where,
             {"$set": {"status": status.value, "lease_until": 0.0}, "$currentDate": {"updated_at": True}},
         )
 
@@ -437,36 +640,59 @@ class MailStore(AsyncResource):
         return counts
 
     async def find_orphans(
-        self, *, older_than_s: float, now: float | None = None, limit: int = 10000
-    ) -> list[Doc]:
-        """Mails no live job may deliver: queued or retrying mails whose time to go came
-        more than ``older_than_s`` ago, and sending mails whose claim lease ran out.
+        self, *, older_than_s: float, now: float | None = None, chunk: int = 1000
+    ) -> AsyncIterator[list[Doc]]:
+        """Candidates for the requeue sweep, in chunks: queued or retrying mails whose time to
+        go came more than ``older_than_s`` ago, and sending mails whose claim lease ran out.
 
-        One query per status, each an indexed ``$eq`` (an ``$or`` would scan on nx-27017).
+        Candidates, not orphans: the sweep asks beanstalkd about each one's job. One query
+        per status, each an indexed ``$eq`` (an ``$or`` would scan on nx-27017).
         """
         now = time.time() if now is None else now
         cutoff = now - older_than_s
-        projection = {"_id": 1, "status": 1, "priority": 1, "next_attempt_ts": 1, "requeued_ts": 1}
+        projection = dict.fromkeys(_SWEEP_FIELDS, 1)
         queries: list[Doc] = [
             {"status": {"$eq": Status.QUEUED.value}, "next_attempt_ts": {"$lt": cutoff}},
             {"status": {"$eq": Status.RETRYING.value}, "next_attempt_ts": {"$lt": cutoff}},
             {"status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": now}},
         ]
-        found: list[Doc] = []
         for query in queries:
-            cursor = self.mails.find(query, projection).limit(max(1, limit - len(found)))
-            found.extend([doc async for doc in cursor])
-            if len(found) >= limit:
-                break
-        return found
+            found: list[Doc] = []
+            async for doc in self.mails.find(query, projection).batch_size(chunk):
+                found.append(doc)
+                if len(found) >= chunk:
+                    yield found
+                    found = []
+            if found:
+                yield found
 
-    async def mark_requeued(self, oid: ObjectId, *, expected_ts: float | None, now: float) -> bool:
-        """Stamp a requeue; the compare-and-set makes two sweeps at once requeue a mail once."""
-        result = await self.mails.update_one(
-            {"_id": oid, "requeued_ts": {"$eq": expected_ts}},
-            {"$set": {"requeued_ts": now, "next_attempt_ts": now}},
-        )
-        return result.modified_count == 1
+    async def mark_requeued(self, seen: Sequence[Doc], *, token: str, now: float) -> set[ObjectId]:
+        """Compare-and-set of a chunk of orphans; returns the ids this sweep won.
+
+        Each document is won only if it is still as the sweep saw it: the same
+        ``requeued_ts`` (which every requeue changes) and still claimable, or still under an
+        expired lease. One ``update_many`` per distinct ``(requeued_ts, kind)`` seen (almost
+        always one or two per chunk), each stamping ``token``; a ``find`` then tells which
+        documents carry it. Of two sweeps, one wins each document, as in ``claim_many``.
+        """
+        groups: dict[tuple[float | None, bool], list[ObjectId]] = {}
+        for doc in seen:
+            sending = doc.get("status") == Status.SENDING.value
+            groups.setdefault((doc.get("requeued_ts"), sending), []).append(doc["_id"])
+        stamp: Doc = {"$set": {"requeued_ts": now, "requeue_token": token, "next_attempt_ts": now}}
+        for (expected, sending), oids in groups.items():
+            where: Doc = {"_id": {"$in": oids}, "requeued_ts": {"$eq": expected}}
+            if sending:
+                where |= {"status": {"$eq": Status.SENDING.value}, "lease_until": {"$lt": now}}
+            else:
+                where["status"] = {"$in": _CLAIMABLE}
+            await self.mails.update_many(where, stamp)
+        oids = [doc["_id"] for doc in seen]
+        return {
+            doc["_id"]
+            async for doc in self.mails.find({"_id": {"$in": oids}}, {"requeue_token": 1})
+            if doc.get("requeue_token") == token
+        }
 
 
 def to_record(doc: Doc) -> MailRecord:

@@ -303,6 +303,7 @@ class DeliveryRig:
         self.store = consumer.store
         self.registry = consumer.registry
         self.settings = consumer.settings
+        consumer.delivery.rand = lambda: 0.0  # no back-off jitter: delays are asserted exactly
 
     def vendor(self, name: str) -> FakeVendor:
         return next(v for v in self.vendors if v.name == name)

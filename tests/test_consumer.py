@@ -4,6 +4,7 @@ FakeVendors for exact routing checks, and ``python -m mailer.consumer --test`` s
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import re
 import signal
@@ -278,20 +279,40 @@ async def test_stop_lets_in_flight_deliveries_finish_within_the_grace_period(set
     assert counts == {"ready": 32, "reserved": 0, "delayed": 0, "buried": 0}
 
 
-async def test_deliveries_still_running_after_the_grace_period_are_handed_back(
+async def test_sends_longer_than_the_grace_period_finish_and_are_not_sent_twice(settings: Settings) -> None:
+    settings = with_consumer(settings, grace_s=0.2)
+    vendors = fake_vendors(**{n: {"latency_s": 1.0, "timeout_s": 5.0} for n in VENDOR_NAMES})
+    ids = await produce(settings, 4)
+    async with MailStore(settings) as store:
+        async with running_consumer(settings, vendors, concurrency=4) as consumer:
+            await wait_until(lambda: consumer.delivery.sending() == 4, what="4 sends at their vendors")
+        final = await docs(store, ids)
+        assert {d["status"] for d in final.values()} == {"sent"}  # the stop waited for them
+        async with running_consumer(settings, vendors, concurrency=4):
+            await asyncio.sleep(0.5)
+    assert sum(len(v.sends) for v in vendors) == 4
+    assert await tube_counts(settings) == {"ready": 0, "reserved": 0, "delayed": 0, "buried": 0}
+
+
+async def test_sends_outlasting_their_timeout_at_stop_are_handed_back_as_unknown(
     settings: Settings,
 ) -> None:
     settings = with_consumer(settings, grace_s=0.3)
-    vendors = fake_vendors()
+    vendors = fake_vendors(**{n: {"timeout_s": 0.3} for n in VENDOR_NAMES})
     for v in vendors:
-        v.hang.clear()  # every send blocks
+        v.hang.clear()  # every send blocks, past its (fake) timeout
     ids = await produce(settings, 6)
     async with MailStore(settings) as store:
         async with running_consumer(settings, vendors, concurrency=4) as consumer:
             await wait_until(lambda: len(consumer._inflight) == 6, what="4 sends and 2 prefetched")
         found = await docs(store, ids)
-        assert [d["status"] for d in found.values()].count("sending") == 0
-        assert all(d["status"] == "queued" for d in found.values())
+        statuses = collections.Counter(d["status"] for d in found.values())
+        # the 4 cut off while their vendor had them are recorded, the 2 prefetched just released
+        assert statuses == {"retrying": 4, "queued": 2}
+        for d in found.values():
+            if d["status"] == "retrying":
+                assert [a["outcome"] for a in d["attempts"]] == ["unknown"]
+                assert "may have been delivered" in d["error"]
         counts = await tube_counts(settings)
         assert counts["ready"] == 6 and counts["delayed"] == counts["reserved"] == 0
         # a new consumer delivers all of them
@@ -306,7 +327,8 @@ async def test_deliveries_still_running_after_the_grace_period_are_handed_back(
 
 def test_cli_refuses_a_concurrency_below_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--concurrency", "0", "--test"]) == 2
-    assert "--concurrency must be at least 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--concurrency" in err and "at least 1" in err
 
 
 async def test_throughput_lines_are_printed(settings: Settings, tmp_path: Path) -> None:
@@ -497,3 +519,36 @@ async def test_a_send_longer_than_the_ttr_is_kept_alive_and_not_redelivered(
     assert sum(len(v.sends) for v in slow) == 1
     assert sum(len(v.sends) for v in other) == 0
     assert await tube_empty(settings)
+
+
+# --- start-up: MongoDB not there yet --------------------------------------------------------
+
+
+async def test_the_consumer_waits_for_mongodb_at_start_and_says_so_once(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from faults.harness import Mongo
+    from pydantic import SecretStr
+
+    from mailer.consumer import Consumer
+
+    mongo = Mongo(tmp_path / "late-mongo")
+    away = settings.model_copy(
+        update={
+            "mongodb": settings.mongodb.model_copy(update={"uri": SecretStr(mongo.uri), "timeout_ms": 200})
+        }
+    )
+    consumer = Consumer(away, concurrency=1, vendors=fake_vendors())
+    connecting = asyncio.create_task(consumer.connect())
+    try:
+        await asyncio.sleep(2.0)  # several retries
+        assert not connecting.done(), "the consumer gave up instead of waiting for MongoDB"
+        await mongo.start()
+        await asyncio.wait_for(connecting, 40)
+        waits = [r for r in caplog.records if "waiting for it" in r.getMessage()]
+        assert len(waits) == 1 and "cannot reach MongoDB" in waits[0].getMessage()
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
+    finally:
+        connecting.cancel()
+        await consumer.close()
+        mongo.kill()

@@ -461,3 +461,201 @@ async def test_a_retrying_mail_is_claimed_again_when_its_job_comes_back(settings
         await rig.step()
         doc = await rig.doc(mail_id)
     assert doc["status"] == "sent" and doc["rounds"] == 2
+
+
+# --- claims that do not take, own leases, fences (issue: reliability) ----------------------
+
+
+class _DeafWrites:
+    """A mails collection whose claim writes match nothing, with no error: what nx-27017
+    answers on a full disk (and what a lost race looks like). Everything else goes through."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.claims = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    async def find_one_and_update(self, *args: Any, **kwargs: Any) -> None:
+        self.claims += 1
+        return None
+
+    async def update_many(self, *args: Any, **kwargs: Any) -> Any:
+        self.claims += 1
+        return None
+
+
+async def test_a_claim_that_does_not_take_keeps_the_job_and_puts_it_off(settings: Settings) -> None:
+    [mail_id] = await produce(settings, 1)
+    vendors = fake_vendors()
+    async with delivery_rig(settings, vendors) as rig:
+        real = rig.store.mails
+        deaf = _DeafWrites(real)
+        rig.store._mails = deaf  # type: ignore[assignment]
+        job, settle = await rig.step()
+        # bounded: a few tries, then the job is released with a delay, never deleted as a twin
+        assert settle.action is Action.RELEASE and settle.reason == "claim did not take"
+        assert settle.delay >= 1 and 2 <= deaf.claims <= 4
+        stats = await job_stats(settings, job.id)
+        assert stats is not None and stats["state"] == "delayed"
+        rig.store._mails = real
+        assert (await rig.doc(mail_id))["status"] == "queued"
+        await kick_job(settings, job.id)
+        _, settle = await rig.step()
+        assert settle.action is Action.DELETE and (await rig.doc(mail_id))["status"] == "sent"
+    assert sum(len(v.sends) for v in vendors) == 1
+
+
+async def test_taking_over_an_expired_lease_is_bounded(settings: Settings) -> None:
+    [mail_id] = await produce(settings, 1)
+    async with MailStore(settings) as store:
+        await store.mails.update_one(
+            {"_id": ObjectId(mail_id)},
+            {"$set": {"status": "sending", "consumer": "dead:1:x", "claim": "t", "lease_until": 1.0}},
+        )
+    async with delivery_rig(settings, fake_vendors()) as rig:
+        deaf = _DeafWrites(rig.store.mails)
+        rig.store._mails = deaf  # type: ignore[assignment]
+        job, settle = await rig.step()  # no RecursionError, no bury
+    assert settle.action is Action.RELEASE and settle.reason == "claim did not take"
+    assert deaf.claims <= 4
+    stats = await job_stats(settings, job.id)
+    assert stats is not None and stats["state"] == "delayed"
+
+
+async def test_a_claim_of_its_own_that_it_no_longer_holds_is_taken_back_at_once(settings: Settings) -> None:
+    # The claim was applied but its reply timed out: the job came back to this very consumer,
+    # which must not wait the whole lease (TTR) for itself.
+    [mail_id] = await produce(settings, 1)
+    vendors = fake_vendors()
+    async with delivery_rig(settings, vendors) as rig:
+        job = await rig.reserve()
+        await rig.store.claim(
+            ObjectId(mail_id), job_id=job.id, consumer=rig.consumer.consumer_id, lease_s=600
+        )
+        settle = await rig.handle(job)
+        doc = await rig.doc(mail_id)
+    assert settle.action is Action.DELETE and doc["status"] == "sent"
+    assert sum(len(v.sends) for v in vendors) == 1
+
+
+async def test_an_adapter_bug_on_one_mail_does_not_take_the_vendor_away(settings: Settings) -> None:
+    settings = with_consumer(settings, vendor_cooldown_s=COOLDOWN)
+    ids = await produce(settings, 24)
+    vendors = fake_vendors()
+    crashes: list[str] = []
+
+    def crash(email: object, mail_id: str) -> None:
+        crashes.append(mail_id)
+        raise ValueError("adapter bug")
+
+    async with delivery_rig(settings, vendors) as rig:
+        buggy = rig.vendor(VENDOR_NAMES[0])
+        buggy.default = crash  # type: ignore[assignment]
+        available_after: dict[int, bool] = {}  # crashes so far -> is the vendor still available
+        for _ in ids:
+            await rig.step()
+            available_after[len(crashes)] = rig.registry.is_available(buggy.name)
+        final = [await rig.doc(i) for i in ids]
+        mark = await vendor_mark(rig.store, buggy.name)
+    assert all(d["status"] == "sent" for d in final)  # each failed over
+    # one odd mail (or four) never takes the vendor away; five distinct mails alike do
+    assert all(available_after[n] for n in range(1, 5))
+    assert available_after[5] is False and len(crashes) == 5
+    assert mark is not None and "5 mails failed alike" in mark["reason"]
+
+
+async def test_a_vendor_that_cannot_carry_a_mail_is_skipped_without_a_mark(settings: Settings) -> None:
+    from mailer.errors import UnsupportedByVendor
+
+    [mail_id] = await produce(settings, 1)
+    vendors = fake_vendors()
+    async with delivery_rig(settings, vendors) as rig:
+        job = await rig.reserve()
+        picked = rig.picked(job)
+        picked.default = UnsupportedByVendor(picked.name, "4 tags; takes at most 3")
+        await rig.handle(job)
+        doc = await rig.doc(mail_id)
+        assert rig.registry.is_available(picked.name)
+    assert doc["status"] == "sent" and doc["vendor"] == next_of(picked.name)
+    assert [a["outcome"] for a in doc["attempts"]] == ["unsupported", "sent"]
+
+
+async def test_a_mail_no_vendor_can_carry_fails_with_every_refusal(settings: Settings) -> None:
+    from mailer.errors import UnsupportedByVendor
+
+    [mail_id] = await produce(settings, 1)
+    vendors = fake_vendors()
+    for v in vendors:
+        v.default = UnsupportedByVendor(v.name, f"{v.name} cannot")
+    async with delivery_rig(settings, vendors) as rig:
+        job, settle = await rig.step()
+        doc = await rig.doc(mail_id)
+        assert all(rig.registry.is_available(v.name) for v in vendors)
+    assert settle.action is Action.DELETE and await job_stats(settings, job.id) is None
+    assert doc["status"] == "failed"
+    assert doc["error"].startswith("no enabled vendor can carry this mail")
+    assert all(f"{v.name}: {v.name} cannot" in doc["error"] for v in vendors)
+
+
+async def test_timeouts_caused_by_our_own_stall_do_not_mark_the_vendor(settings: Settings) -> None:
+    settings = with_consumer(settings, vendor_cooldown_s=COOLDOWN)
+    [mail_id] = await produce(settings, 1)
+    vendors = fake_vendors()
+    async with delivery_rig(settings, vendors) as rig:
+        job = await rig.reserve()
+        picked = rig.picked(job)
+        stalls = rig.consumer.stalls
+
+        def frozen(email: object, mail_id: str) -> TransientVendorError:
+            now = time.monotonic()
+            stalls.stalls.append((now - 30, now))  # the process stood still for 30 s
+            return TransientVendorError(picked.name, "ReadTimeout after sending", ambiguous=True)
+
+        picked.default = frozen  # type: ignore[assignment]
+        await rig.handle(job)
+        doc = await rig.doc(mail_id)
+        assert rig.registry.is_available(picked.name)
+        assert await vendor_mark(rig.store, picked.name) is None
+    assert doc["attempts"][0]["outcome"] == "unknown" and "stood still" in doc["attempts"][0]["error"]
+    assert doc["status"] == "sent"  # the claim still stood (fenced), so it failed over
+
+
+async def test_a_claim_taken_over_meanwhile_sends_nothing_more(settings: Settings) -> None:
+    [mail_id] = await produce(settings, 1)
+    vendors = fake_vendors()
+    async with delivery_rig(settings, vendors) as rig:
+        job = await rig.reserve()
+        picked = rig.picked(job)
+        store = rig.store
+
+        async def taken_over(email: object, mail_id: str) -> None:
+            await store.mails.update_one(
+                {"_id": ObjectId(mail_id)},
+                {"$set": {"consumer": "other:2:y", "claim": "theirs", "lease_until": time.time() + 600}},
+            )
+
+        def timed_out(email: object, mail_id: str) -> TransientVendorError:
+            return TransientVendorError(picked.name, "ReadTimeout after sending", ambiguous=True)
+
+        picked.default = timed_out  # type: ignore[assignment]
+        claim = store.claim
+
+        async def claim_then_take_over(*args: Any, **kwargs: Any) -> Any:
+            result = await claim(*args, **kwargs)
+            await taken_over(None, mail_id)
+            return result
+
+        store.claim = claim_then_take_over  # type: ignore[method-assign]
+        settle = await rig.handle(job)
+        doc = await rig.doc(mail_id)
+    assert settle.action is Action.RELEASE and settle.reason == "claim lost"
+    others = [v for v in vendors if v is not picked]
+    assert sum(len(v.sends) for v in others) == 0  # no failover send under a lost claim
+    assert doc["claim"] == "theirs" and doc["status"] == "sending"  # their claim stands
+
+
+def test_backoff_jitter_spreads_retries_below_the_plain_delay() -> None:
+    delays = {backoff_delay(3, 30, 3600, jitter=j / 10) for j in range(10)}
+    assert len(delays) == 10 and max(delays) == 120 and min(delays) >= 0.8 * 120

@@ -7,7 +7,7 @@ import datetime as dt
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,14 @@ from helpers import OwnBeanstalkd
 
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings
-from mailer.errors import EmailValidationError, EnqueueError, MailNotFound, NotFound, ProducerClosedError
+from mailer.errors import (
+    EmailValidationError,
+    EnqueueError,
+    MailNotFound,
+    NotFound,
+    ProducerClosedError,
+    StoreError,
+)
 from mailer.models import Status
 from mailer.producer import Producer
 from mailer.store import MailStore
@@ -416,3 +423,65 @@ async def test_no_throughput_lines_by_default(producer: Producer, capsys: pytest
     await producer.send(mail())
     await asyncio.sleep(0.1)
     assert "Throughput" not in capsys.readouterr().out
+
+
+# --- group commit: one huge mail does not fail its neighbours (finding 7b) ----------------
+
+
+def big_mail(i: int, size: int) -> dict[str, Any]:
+    return mail(i, attachments=[{"filename": f"f{i}.bin", "content": bytes([i % 251]) * size}])
+
+
+def with_max_bytes(settings: Settings, max_bytes: int) -> Settings:
+    producer = settings.producer.model_copy(update={"max_email_bytes": max_bytes})
+    return settings.model_copy(update={"producer": producer})
+
+
+async def concurrent_sends(producer: Producer, mails: list[dict[str, Any]]) -> list[str | BaseException]:
+    """Every send in flight at once, the first one alone (so the rest go in one group)."""
+    first = asyncio.create_task(producer.send(mails[0]))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(producer.send(m)) for m in mails[1:]]
+    return list(await asyncio.gather(first, *rest, return_exceptions=True))
+
+
+async def test_one_oversized_mail_fails_alone_and_its_neighbours_are_stored_and_queued(
+    settings: Settings, reader: Beanstalk
+) -> None:
+    # Over MongoDB's 16 MiB document limit once stored (the model's cap raised to allow it).
+    mails = (
+        [mail(i) for i in range(11)]
+        + [big_mail(11, 20_000_000)]
+        + [big_mail(i, 3_000_000) for i in range(12, 22)]
+    )
+    async with Producer(with_max_bytes(settings, 40_000_000)) as producer:
+        started = time.monotonic()
+        results = await concurrent_sends(producer, mails)
+        assert time.monotonic() - started < 30
+    huge = results[11]
+    assert isinstance(huge, StoreError), huge
+    assert "16" in str(huge) and "attachments" in str(huge)
+    ok = [r for i, r in enumerate(results) if i != 11]
+    assert all(isinstance(r, str) and HEX24.match(r) for r in ok), [str(r)[:120] for r in ok]
+    assert await count_docs(settings) == 21
+    assert sorted(await reserve_bodies(reader, 21)) == sorted(str(r) for r in ok)
+
+
+async def test_a_group_commit_is_bounded_by_bytes(
+    settings: Settings, reader: Beanstalk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mails = [big_mail(i, 2_000_000) for i in range(12)]
+    async with Producer(with_max_bytes(settings, 10_000_000)) as producer:
+        sizes: list[int] = []
+        insert_many = producer.store.insert_many
+
+        async def spy(docs: Sequence[dict[str, Any]]) -> list[tuple[str, bool] | StoreError]:
+            sizes.append(sum(len(d["mail"]["attachments"][0]["content"]) for d in docs))
+            return await insert_many(docs)
+
+        monkeypatch.setattr(producer.store, "insert_many", spy)
+        results = await concurrent_sends(producer, mails)
+        ids = await producer.send_many(mails)
+    assert all(isinstance(r, str) for r in results)
+    assert len(sizes) >= 4 and max(sizes) <= 8 * 1024 * 1024, sizes
+    assert sorted(await reserve_bodies(reader, 24)) == sorted([*map(str, results), *ids])

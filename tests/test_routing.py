@@ -237,3 +237,46 @@ async def test_rival_marks_keep_the_longest(settings: Settings) -> None:
         assert marks["amazon"][0] == 2_000.0
         await store.clear_vendor("amazon")
         assert (await store.vendor_marks())["amazon"] == (0.0, "")
+
+
+async def test_a_cleared_or_deleted_mark_is_adopted_at_the_next_refresh(settings: Settings) -> None:
+    """`mailer vendors --reset` clears a mark; an operator may also delete it by hand. Either
+    way a running consumer must use the vendor again without waiting out its cooldown."""
+    clock = FakeClock()
+    async with MailStore(settings) as store:
+        a = registry(clock, store=store)
+        b = registry(clock, store=store)  # a running consumer that did not mark anything
+        await a.start()
+        await b.start()
+        try:
+            for name in ("amazon", "mailgun"):
+                a.failed(by_name(a, name), transient(name))
+            await wait_until(lambda: vendor_mark(store, "mailgun"), what="the shared marks")
+            await b.refresh()
+            assert not b.is_available("amazon") and not b.is_available("mailgun")
+
+            await store.clear_vendor("amazon")  # what `mailer vendors --reset amazon` does
+            await store.vendor_status.delete_one({"_id": "mailgun"})  # by hand
+            await b.refresh()
+            assert b.snapshot()["amazon"] == (0.0, "")
+            assert b.snapshot()["mailgun"] == (0.0, "")
+            assert names(b.plan(0)) == list(VENDOR_NAMES)
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_a_refresh_never_drops_a_mark_whose_write_is_still_pending(settings: Settings) -> None:
+    """The registry shares its marks in the background: a refresh that reads MongoDB before
+    the write lands must not take the just-marked vendor back."""
+    clock = FakeClock()
+    async with MailStore(settings) as store:
+        reg = registry(clock, store=store)
+        await reg.start()
+        try:
+            reg.failed(by_name(reg, "sparkpost"), transient("sparkpost"))
+            assert reg._pending_writes  # the mark is not in MongoDB yet
+            await reg.refresh()
+            assert not reg.is_available("sparkpost")
+        finally:
+            await reg.close()

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from bson import ObjectId
 from pydantic import SecretStr
+from pymongo.errors import NetworkTimeout
 
 from mailer.config import Settings
 from mailer.errors import MailNotFound, StoreError
 from mailer.models import Attempt, Email, Status, parse_email
-from mailer.store import ClaimState, Finish, MailStore, attempt_doc, parse_mail_id, to_record
+from mailer.store import ClaimState, Doc, Finish, MailStore, attempt_doc, parse_mail_id, to_record
 
 MakeSettings = Callable[..., Awaitable[Settings]]
 UTC = dt.UTC
@@ -396,15 +397,101 @@ async def test_status_counts(store: MailStore) -> None:
     assert counts == {"queued": 2, "sending": 1, "retrying": 0, "sent": 2, "failed": 1}
 
 
-async def test_find_orphans_and_mark_requeued(store: MailStore) -> None:
-    old = await insert(store, simple_mail(1))
-    await insert(store, simple_mail(2, delay=3600))
+async def orphans(store: MailStore, **kw: Any) -> list[Doc]:
+    return [doc async for chunk in store.find_orphans(**kw) for doc in chunk]
+
+
+async def test_find_orphans_in_chunks_and_mark_requeued(store: MailStore) -> None:
+    ids = [await insert(store, simple_mail(i)) for i in range(5)]
+    await insert(store, simple_mail(9, delay=3600))
     now = time.time()
-    orphans = await store.find_orphans(older_than_s=0, now=now + 1)
-    assert [str(d["_id"]) for d in orphans] == [old]
-    assert await store.mark_requeued(ObjectId(old), expected_ts=None, now=now) is True
-    # A second sweep with the stale expectation loses the compare-and-set.
-    assert await store.mark_requeued(ObjectId(old), expected_ts=None, now=now + 1) is False
+    chunks = [chunk async for chunk in store.find_orphans(older_than_s=0, now=now + 1, chunk=2)]
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    seen = [d for c in chunks for d in c]
+    assert sorted(str(d["_id"]) for d in seen) == sorted(ids)
+    assert {"batch", "queued_ts", "requeued_ts", "job_id", "priority"} <= set(seen[0])
+    won = await store.mark_requeued(seen[:3], token="a", now=now)
+    assert won == {d["_id"] for d in seen[:3]}
+    # A second sweep that read the same documents loses the compare-and-set on those three.
+    assert await store.mark_requeued(seen, token="b", now=now + 1) == {d["_id"] for d in seen[3:]}
+    stored = await store.mails.find_one({"_id": seen[0]["_id"]})
+    # (nx-27017 keeps about 15 significant digits of a double; MongoDB keeps all.)
+    assert stored is not None and stored["requeue_token"] == "a"
+    assert stored["requeued_ts"] == pytest.approx(now, abs=1e-3)
+    assert stored["next_attempt_ts"] == pytest.approx(now, abs=1e-3)
+
+
+async def test_mark_requeued_needs_the_mail_still_claimable_or_its_lease_expired(store: MailStore) -> None:
+    ids = [await insert(store, simple_mail(i)) for i in range(3)]
+    now = time.time() + 1
+    seen = await orphans(store, older_than_s=0, now=now)
+    # Meanwhile a consumer claimed one (live lease) and finished another.
+    await store.claim(ObjectId(ids[0]), job_id=1, consumer="c", lease_s=60)
+    await store.claim(ObjectId(ids[1]), job_id=2, consumer="c", lease_s=60)
+    await store.finish_many([Finish(ids[1], Status.SENT, [], vendor="v", message_id="m")])
+    assert await store.mark_requeued(seen, token="t", now=now) == {ObjectId(ids[2])}
+    # A claim whose lease ran out is a candidate, and is won while it stays expired.
+    dead = await insert(store, simple_mail(5))
+    await store.claim(ObjectId(dead), job_id=3, consumer="gone", lease_s=-5)
+    expired = [d for d in await orphans(store, older_than_s=0, now=now) if str(d["_id"]) == dead]
+    assert len(expired) == 1 and expired[0]["status"] == "sending"
+    assert await store.mark_requeued(expired, token="u", now=now) == {ObjectId(dead)}
+
+
+async def test_receipts_and_job_ids_round_trip(store: MailStore) -> None:
+    ids = [await insert(store, simple_mail(i)) for i in range(3)]
+    assert await store.receipts(ids) == dict.fromkeys(ids)  # stored, no receipt yet
+    await store.record_jobs(ids[0], {ids[0]: 7, ids[1]: 2**40})
+    got = await store.receipts([ids[0], ids[1], "0" * 24, "not an id"])
+    assert got == {ids[0]: {ids[0]: 7, ids[1]: 2**40}, ids[1]: None}
+    await store.record_job_ids({ids[1]: 11, ids[2]: 12})
+    assert (await store.get(ids[1])).job_id == 11 and (await store.get(ids[2])).job_id == 12
+    await store.record_job_ids({})
+
+
+def test_new_document_names_itself_its_batch_and_too_large_measures_bson() -> None:
+    doc = MailStore.new_document(simple_mail(), priority=3)
+    assert doc["batch"] == str(doc["_id"]) and doc["queued_ts"] == pytest.approx(time.time(), abs=5)
+    assert MailStore.too_large(doc) is None
+    attachment = {"filename": "a", "content": b"x" * (16 * 1024 * 1024)}
+    big_mail = parse_email(
+        {
+            "from": "a@example.com",
+            "to": "b@example.com",
+            "subject": "s",
+            "text": "t",
+            "attachments": [attachment],
+        },
+        max_bytes=40_000_000,
+    )
+    big = MailStore.new_document(big_mail, priority=3)
+    why = MailStore.too_large(big)
+    assert why is not None and "16 MiB" in why and "attachments" in why
+
+
+async def test_insert_many_after_a_whole_call_failure_writes_each_doc_alone(
+    store: MailStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call timed out after MongoDB stored the batch: each doc is recognised as stored
+    (and new, so it is still queued), a known key is still the earlier mail's."""
+    earlier = await insert(store, simple_mail(0, idempotency_key="k1"))
+    docs = [MailStore.new_document(simple_mail(i), priority=1) for i in range(3)]
+    docs.append(MailStore.new_document(simple_mail(3, idempotency_key="k1"), priority=1))
+    docs.append(MailStore.new_document(simple_mail(4), priority=1))
+    real = store.mails.insert_many
+
+    async def stores_then_times_out(batch: list[Doc], **kw: Any) -> Any:
+        await real(batch[:3], **kw)
+        raise NetworkTimeout("timed out")
+
+    monkeypatch.setattr(store.mails, "insert_many", stores_then_times_out)
+    out = await store.insert_many(docs)
+    assert out[:3] == [(str(d["_id"]), True) for d in docs[:3]]
+    assert out[3] == (earlier, False)
+    assert out[4] == (str(docs[4]["_id"]), True)
+    assert await store.mails.count_documents({}) == 5
+    with pytest.raises(NetworkTimeout):  # one doc alone: unknown whether it was stored
+        await store.insert_many([MailStore.new_document(simple_mail(5), priority=1)])
 
 
 # --- lifecycle -----------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Nothing here touches the shared beanstalkd (11300) or nx-27017 (27017): every scenario gets
 a beanstalkd of its own, and MongoDB is a private nx-27017 for the session (a scenario that
 stops MongoDB starts yet another of its own). The figures table is printed at the end of the
-session and written to bench/faults.md and bench/faults.json.
+session; it is written to the tracked bench/faults.md and bench/faults.json only with
+MAILER_WRITE_FIGURES=1 (``make faults`` sets it), so that ``make test`` leaves the checkout
+as it found it instead of committing this machine's figures by accident.
 """
 
 from __future__ import annotations
@@ -76,12 +78,20 @@ def make_scenario(fault_base: Settings, session_mongo: Mongo, beanstalkd: Beanst
     return make
 
 
+WRITE_FIGURES = "MAILER_WRITE_FIGURES"
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     if not RESULTS:
         return
     terminalreporter.section("fault scenarios: figures")
     terminalreporter.write_line(render_text(RESULTS))
     bench = ROOT / "bench"
+    if os.environ.get(WRITE_FIGURES) != "1":
+        terminalreporter.write_line(
+            f"not written to {bench / 'faults.md'}: run 'make faults' (it sets {WRITE_FIGURES}=1) for that"
+        )
+        return
     try:
         write_bench(RESULTS, bench)
     except OSError as exc:

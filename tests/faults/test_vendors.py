@@ -149,7 +149,7 @@ async def test_vendor_that_hangs(make_scenario: ScenarioSettings) -> None:
                 for a in doc["attempts"]:
                     if a["vendor"] == "mailgun":
                         assert a["outcome"] == "unknown", a
-                        assert "ReadTimeout" in (a.get("error") or ""), a
+                        assert "timed out" in (a.get("error") or ""), a
                         timeouts.append((a["finished_at"] - a["started_at"]).total_seconds())
             mark = await store.vendor_status.find_one({"_id": "mailgun"})
             record(
@@ -169,6 +169,6 @@ async def test_vendor_that_hangs(make_scenario: ScenarioSettings) -> None:
     assert len(timeouts) == len(double.requests)
     assert all(0.4 <= s < 2.0 for s in timeouts), timeouts
     assert mark is not None and mark["until"] > time.time() + 30
-    assert "ReadTimeout" in mark["reason"]
+    assert "timed out" in mark["reason"]
     assert_clean(t)
     assert t.sent_once == n
