@@ -58,8 +58,9 @@ loadtest: services
 bench: services
 	$(PY) -m loadtest.bench $(ARGS)
 
+# Only this target (and bench) rewrites the committed figures; `make test` prints them only.
 faults: services
-	$(VENV)/bin/pytest tests/faults -m slow -p no:randomly $(PYTEST_ARGS)
+	MAILER_WRITE_FIGURES=1 $(VENV)/bin/pytest tests/faults -m slow -p no:randomly $(PYTEST_ARGS)
 
 clean: services-stop
 	rm -rf .data $(VENV) *.egg-info

@@ -32,14 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mails", type=int, default=10000, help="mails to send (default 10000)")
     p.add_argument("--producers", type=int, default=1, help="producer processes (default 1)")
     p.add_argument("--mode", choices=["send", "send_many"], default="send", help="producer call (send)")
-    p.add_argument("--consumers", type=int, default=1, help="consumer processes (default 1)")
+    p.add_argument(
+        "--consumers",
+        type=int,
+        default=None,
+        help="start this many consumer processes of its own (default: use the consumers already "
+        "watching the [test] tube, as 'mailer-consumer --test' starts them, else start 1)",
+    )
     p.add_argument("--concurrency", type=int, default=50, help="reserve loops per consumer (default 50)")
     p.add_argument("--vendor-latency-ms", type=float, default=0.0, help="simulated vendor latency")
     p.add_argument("--vendor-failure-rate", type=float, default=0.0, help="simulated failure rate, 0..1")
     p.add_argument(
         "--external-consumers",
         action="store_true",
-        help="start no consumers: use those already running with --test (the plain [test] tube)",
+        help="only use consumers already running with --test (an error when none watch the [test] tube)",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (300)")
     return p
@@ -48,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 def _options(argv: Sequence[str] | None) -> Options:
     p = _parser()
     a = p.parse_args(argv)
-    if a.mails < 1 or a.producers < 1 or a.consumers < 1 or a.concurrency < 1:
+    if a.consumers is not None and a.external_consumers:
+        p.error("--consumers starts its own consumers; --external-consumers uses running ones: pick one")
+    if a.mails < 1 or a.producers < 1 or (a.consumers is not None and a.consumers < 1) or a.concurrency < 1:
         p.error("--mails, --producers, --consumers and --concurrency must be at least 1")
     if a.producers > a.mails:
         p.error("--producers cannot exceed --mails")
@@ -84,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = asyncio.run(_run(settings, opts, console))
     except (KeyboardInterrupt, asyncio.CancelledError):
-        console.print("interrupted: children stopped, the run's tube and collections removed")
+        console.print("interrupted: children stopped, the run's mails (and any private tube) removed")
         return 130
     summary.render(console)
     return 0 if summary.ok else 1

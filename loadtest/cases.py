@@ -112,7 +112,7 @@ async def drain_case(
         docs = mail_docs(mails, "bench")
         for i in range(0, mails, 1000):
             await store.mails.insert_many(docs[i : i + 1000])
-        env = child_env(settings, latency_ms=latency_ms)
+        env = child_env(settings, latency_ms=latency_ms, measure_throughput=False)
         consumers = await children.start_consumers(processes, concurrency, env, log_dir, consumer_args)
         watch = ProcWatch()
         for name, pid in server_pids().items():

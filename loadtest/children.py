@@ -3,6 +3,14 @@
 Every wait here has a deadline and every child is killed if it outlives its stop, so a
 load test always ends, whatever a child does. Children's stderr goes to log files (shown
 when something fails) because interleaved logs would wreck the live display.
+
+A producer reports (``READY``, then its JSON result) on a pipe of its own, passed as
+``--report-fd``, never on stdout: stdout belongs to whatever the child prints, such as the
+``Producer PID:... Throughput: ...`` lines of ``measure_throughput`` (however it is set, in
+the file or the environment), and a report read from stdout broke on the first of them.
+Every child's stdout is read line by line and handed to ``on_output`` (the live display
+prints it above the progress bars), so a chatty child can neither block on a full pipe nor
+garble a report.
 """
 
 from __future__ import annotations
@@ -10,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -24,6 +33,9 @@ from mailer.beanstalk import Beanstalk
 from mailer.config import Settings
 
 STOP_WAIT_S = 10.0
+RELAY_WAIT_S = 2.0
+
+OnOutput = Callable[[str, str], None]  # (child name, one line of its stdout)
 
 
 class ChildError(RuntimeError):
@@ -36,6 +48,9 @@ class Child:
     proc: asyncio.subprocess.Process
     log_path: Path
     log: IO[bytes]
+    relay: asyncio.Task[None] | None = None  # copies stdout lines to on_output
+    report: asyncio.StreamReader | None = None  # the --report-fd pipe, producers only
+    report_transport: asyncio.BaseTransport | None = None
 
     @property
     def pid(self) -> int:
@@ -50,14 +65,58 @@ class Child:
         return "\n".join(text[-lines:])
 
 
-async def _spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, *, stdio: bool) -> Child:
+async def _spawn(
+    name: str, args: list[str], env: dict[str, str], log_dir: Path, on_output: OnOutput, *, report: bool
+) -> Child:
     log_path = log_dir / f"{name}.log"
     log = log_path.open("wb")
-    pipe = asyncio.subprocess.PIPE if stdio else asyncio.subprocess.DEVNULL
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, *args, env=env, stdin=pipe, stdout=pipe if stdio else log, stderr=log
+    pass_fds: tuple[int, ...] = ()
+    read_fd = -1
+    if report:
+        read_fd, write_fd = os.pipe()
+        pass_fds = (write_fd,)
+        args = [*args, "--report-fd", str(write_fd)]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            env=env,
+            stdin=asyncio.subprocess.PIPE if report else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            pass_fds=pass_fds,
+        )
+    except BaseException:
+        if report:
+            os.close(read_fd)
+        log.close()
+        raise
+    finally:
+        for fd in pass_fds:
+            os.close(fd)  # the child holds its own copy: EOF comes when the child exits
+    child = Child(name, proc, log_path, log)
+    assert proc.stdout is not None
+    child.relay = asyncio.create_task(_relay(name, proc.stdout, on_output))
+    if report:
+        child.report, child.report_transport = await _reader(read_fd)
+    return child
+
+
+async def _reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
     )
-    return Child(name, proc, log_path, log)
+    return reader, transport
+
+
+async def _relay(name: str, stream: asyncio.StreamReader, on_output: OnOutput) -> None:
+    """Every stdout line to ``on_output`` until EOF; a broken callback never stops the reading."""
+    while line := await stream.readline():
+        text = line.decode(errors="replace").rstrip()
+        if text:
+            with contextlib.suppress(Exception):
+                on_output(name, text)
 
 
 async def stop(children: list[Child], *, sig: int = signal.SIGTERM) -> None:
@@ -73,18 +132,40 @@ async def stop(children: list[Child], *, sig: int = signal.SIGTERM) -> None:
             with contextlib.suppress(ProcessLookupError):
                 child.proc.kill()
             await child.proc.wait()
-        child.log.close()
+        await _finish(child)
+
+
+async def _finish(child: Child) -> None:
+    """After the exit: the last stdout lines relayed, the pipes and the log closed."""
+    if child.relay is not None:
+        try:
+            await asyncio.wait_for(child.relay, RELAY_WAIT_S)
+        except (TimeoutError, asyncio.CancelledError):
+            child.relay.cancel()  # a grandchild holds stdout open: stop reading it
+    if child.report_transport is not None:
+        child.report_transport.close()
+    child.log.close()
 
 
 # --- consumers -------------------------------------------------------------------------------
 
 
 async def start_consumers(
-    count: int, concurrency: int, env: dict[str, str], log_dir: Path, extra_args: Sequence[str] = ()
+    count: int,
+    concurrency: int,
+    env: dict[str, str],
+    log_dir: Path,
+    extra_args: Sequence[str] = (),
+    on_output: OnOutput | None = None,
 ) -> list[Child]:
     args = ["-m", "mailer.consumer", "--test", "--concurrency", str(concurrency), "--log-level", "WARNING"]
     args += extra_args
-    return [await _spawn(f"consumer-{i + 1}", args, env, log_dir, stdio=False) for i in range(count)]
+    out = on_output or _ignore
+    return [await _spawn(f"consumer-{i + 1}", args, env, log_dir, out, report=False) for i in range(count)]
+
+
+def _ignore(name: str, line: str) -> None:
+    """Output nobody asked to see (the benchmark's children)."""
 
 
 async def wait_watching(
@@ -125,7 +206,14 @@ class ProducerGroup:
 
     @classmethod
     async def start(
-        cls, total: int, processes: int, mode: Mode, run: str, env: dict[str, str], log_dir: Path
+        cls,
+        total: int,
+        processes: int,
+        mode: Mode,
+        run: str,
+        env: dict[str, str],
+        log_dir: Path,
+        on_output: OnOutput | None = None,
     ) -> ProducerGroup:
         group = cls()
         share, extra = divmod(total, processes)
@@ -134,14 +222,15 @@ class ProducerGroup:
             n = share + (1 if i < extra else 0)
             args = ["-m", "loadtest.producer", "--mails", str(n), "--first", str(first)]
             args += ["--mode", mode, "--run", run]
-            group.children.append(await _spawn(f"producer-{i + 1}", args, env, log_dir, stdio=True))
+            name = f"producer-{i + 1}"
+            group.children.append(await _spawn(name, args, env, log_dir, on_output or _ignore, report=True))
             first += n
         return group
 
     async def _line(self, child: Child, deadline_s: float) -> str:
-        assert child.proc.stdout is not None
+        assert child.report is not None
         try:
-            raw = await asyncio.wait_for(child.proc.stdout.readline(), deadline_s)
+            raw = await asyncio.wait_for(child.report.readline(), deadline_s)
         except TimeoutError:
             raise ChildError(f"{child.name} did not answer within {deadline_s:.0f} s") from None
         if not raw:
@@ -164,7 +253,10 @@ class ProducerGroup:
         for child in self.children:
             if child.name not in self.results:
                 line = await self._line(child, max(0.1, end - time.monotonic()))
-                self.results[child.name] = ProduceResult(**json.loads(line))
+                try:
+                    self.results[child.name] = ProduceResult(**json.loads(line))
+                except (ValueError, TypeError):
+                    raise ChildError(f"{child.name} reported {line[:80]!r} instead of its result") from None
 
     @property
     def done(self) -> bool:

@@ -9,7 +9,7 @@ import sys
 import uuid
 from typing import Any
 
-from mailer.beanstalk import Beanstalk, Job
+from mailer.beanstalk import DEFAULT_PRIORITY, Beanstalk, Job
 from mailer.config import Settings, load_settings
 from mailer.errors import BeanstalkServerError, ConfigError, NotFound
 from mailer.store import MailStore
@@ -66,11 +66,23 @@ def sample_mail(run: str, n: int) -> dict[str, Any]:
     }
 
 
-def child_env(settings: Settings, *, latency_ms: float = 0.0, failure_rate: float = 0.0) -> dict[str, str]:
+def child_env(
+    settings: Settings,
+    *,
+    latency_ms: float = 0.0,
+    failure_rate: float = 0.0,
+    measure_throughput: bool | None = None,
+) -> dict[str, str]:
     """Environment for a producer or consumer child that points it at ``settings``' tube and
-    collections. With ``--test`` the [test] section wins over the plain keys, so both are set."""
+    collections. With ``--test`` the [test] section wins over the plain keys, so both are set.
+
+    ``measure_throughput`` None keeps the user's setting (file or environment: the load test
+    shows the lines); the benchmark passes False so that no meter runs in what it measures.
+    """
     b, m = settings.beanstalkd, settings.mongodb
-    env = {k: v for k, v in os.environ.items() if k not in ("MAILER_MEASURE_THROUGHPUT", "MAILER_ENV")}
+    env = {k: v for k, v in os.environ.items() if k != "MAILER_ENV"}
+    if measure_throughput is not None:
+        env["MAILER_MEASURE_THROUGHPUT"] = "true" if measure_throughput else "false"
     env.update(
         {
             "MAILER_TEST__TUBE": b.tube,
@@ -125,6 +137,12 @@ async def drain_tube(settings: Settings) -> int:
     return deleted
 
 
+async def _release(bs: Beanstalk, job: Job) -> None:
+    """Hand someone else's job back as it was (its own priority)."""
+    pri = (await bs.stats_job(job.id)).get("pri")
+    await bs.release(job.id, priority=pri if isinstance(pri, int) else DEFAULT_PRIORITY)
+
+
 async def drop_collections(settings: Settings) -> None:
     """Drop the run's own collections (never the plain [test] ones: see ``delete_run``)."""
     async with MailStore(settings) as store:
@@ -132,8 +150,54 @@ async def drop_collections(settings: Settings) -> None:
         await store.vendor_status.drop()
 
 
-async def delete_run(settings: Settings, run: str) -> int:
-    """Delete one run's mails from a shared collection (``--external-consumers``)."""
+def run_query(run: str) -> dict[str, Any]:
+    """The mails one run created (``sample_mail`` stamps the run id in their metadata)."""
+    return {"mail.metadata.loadtest": {"$eq": run}}
+
+
+async def run_mail_ids(settings: Settings, run: str) -> set[bytes]:
+    """The run's mail ids as job bodies, to tell its jobs from others' on a shared tube."""
     async with MailStore(settings) as store:
-        result = await store.mails.delete_many({"mail.metadata.loadtest": {"$eq": run}})
+        return {str(d["_id"]).encode() async for d in store.mails.find(run_query(run), {"_id": 1})}
+
+
+async def delete_run(settings: Settings, run: str) -> int:
+    """Delete one run's mails from a shared collection, and nothing else."""
+    async with MailStore(settings) as store:
+        result = await store.mails.delete_many(run_query(run))
         return result.deleted_count
+
+
+async def drain_run_jobs(settings: Settings, bodies: set[bytes]) -> int:
+    """Delete the jobs of ``bodies`` left on a shared tube (its consumers being stopped);
+    others' jobs are released untouched. Returns how many were deleted.
+
+    Others' ready jobs stay reserved until the end (released together), so each job is
+    seen once; delayed and buried ones are only peeked at, so only the first of each
+    state is looked at unless it is ours.
+    """
+    b = settings.beanstalkd
+    deleted = 0
+    async with Beanstalk(b.host, b.port) as bs:
+        await bs.use(b.tube)
+        await bs.watch(b.tube)
+        await bs.ignore("default")
+        held: list[Job] = []
+        while True:
+            got = await asyncio.gather(*(bs.reserve(0) for _ in range(500)), return_exceptions=True)
+            jobs = [job for job in got if isinstance(job, Job)]
+            ours = [job for job in jobs if job.body in bodies]
+            held += [job for job in jobs if job.body not in bodies]
+            await asyncio.gather(*(bs.delete(job.id) for job in ours), return_exceptions=True)
+            deleted += len(ours)
+            if len(jobs) < len(got):
+                break
+        await asyncio.gather(*(_release(bs, job) for job in held), return_exceptions=True)
+        for peek in (bs.peek_delayed, bs.peek_buried):
+            while (job := await peek()) is not None and job.body in bodies:
+                try:
+                    await bs.delete(job.id)
+                except BeanstalkServerError:
+                    break
+                deleted += 1
+    return deleted

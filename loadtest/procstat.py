@@ -8,7 +8,11 @@ the process (pymongo's monitor threads included).
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import os
+import socket
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +56,116 @@ def server_pids() -> dict[str, int]:
         if cpu_seconds(pid) is not None:
             out[name] = pid
     return out
+
+
+# --- which local processes are consumers of a tube ----------------------------------------
+#
+# beanstalkd's ``stats-tube`` says how many connections watch a tube (``current-watching``)
+# but not whose, and a consumer holds one watching connection per reserve loop, so that
+# number counts loops, not consumers. The load test runs on the services' machine (it reads
+# their CPU here too), so it maps connections to processes the way ``ss -p`` does: every
+# established TCP connection to beanstalkd's port in /proc/net/tcp{,6} has a socket inode,
+# and /proc/PID/fd links name the inodes each process holds. A process counts as a consumer
+# of the [test] tube when its command line is ``mailer-consumer --test`` (or ``python -m
+# mailer.consumer --test``) and its environment does not point --test at another tube.
+
+_ESTABLISHED = "01"
+
+
+def _address(hex_addr: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``0100007F:2C1C`` (/proc/net/tcp's little-endian words) -> (127.0.0.1, 11340)."""
+    host, port = hex_addr.split(":")
+    raw = bytes.fromhex(host)
+    # Each 32-bit word is in host byte order (little-endian on the machines this runs on).
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped, int(port, 16)
+    return ip, int(port, 16)
+
+
+def _socket_inodes_to(host: str, port: int) -> set[str]:
+    """Inodes of the established client sockets connected to ``host:port``."""
+    try:
+        wanted = {ipaddress.ip_address(a[4][0]) for a in socket.getaddrinfo(host, port, proto=6)}
+    except (OSError, ValueError):
+        return set()
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 10 or f[3] != _ESTABLISHED:
+                continue
+            ip, rport = _address(f[2])
+            if rport == port and ip in wanted:
+                inodes.add(f[9])
+    return inodes
+
+
+def connections_to(host: str, port: int) -> Counter[int]:
+    """How many established connections to ``host:port`` each local process holds, by pid."""
+    inodes = {f"socket:[{i}]" for i in _socket_inodes_to(host, port)}
+    held: Counter[int] = Counter()
+    if not inodes:
+        return held
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        if n := sum(1 for link in _fd_links(proc) if link in inodes):
+            held[int(proc.name)] = n
+    return held
+
+
+def _fd_links(proc: Path) -> list[str]:
+    """What the process's descriptors point at; fds closed meanwhile are skipped."""
+    try:
+        fds = list((proc / "fd").iterdir())
+    except OSError:
+        return []  # gone, or not ours to read
+    links = []
+    for fd in fds:
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            continue
+    return links
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def is_test_consumer(argv: list[str], environ: dict[str, str], tube: str) -> bool:
+    """``mailer-consumer --test`` (or ``-m mailer.consumer --test``) on ``tube``."""
+    script = any(Path(a).name == "mailer-consumer" for a in argv[:2])
+    module = any(a == "-m" and b == "mailer.consumer" for a, b in itertools.pairwise(argv))
+    if not (script or module) or "--test" not in argv:
+        return False
+    return environ.get("MAILER_TEST__TUBE", tube) == tube
+
+
+def consumers_of_test_tube(host: str, port: int, tube: str) -> dict[int, int]:
+    """Local consumer processes of ``tube`` connected to beanstalkd: pid -> connections."""
+    return {
+        pid: n
+        for pid, n in sorted(connections_to(host, port).items())
+        if is_test_consumer(_argv(pid), _environ(pid), tube)
+    }
 
 
 @dataclass(slots=True)

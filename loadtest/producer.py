@@ -1,9 +1,11 @@
 """Sending a load: the ``produce`` loop, and a producer child process around it.
 
-The child (``python -m loadtest.producer``) connects, prints ``READY``, waits for ``GO`` on
+The child (``python -m loadtest.producer``) connects, reports ``READY``, waits for ``GO`` on
 stdin so that every producer starts at the same moment and start-up is not timed, sends,
-prints one JSON line with its result, then stays alive until stdin closes: the parent reads
+reports one JSON line with its result, then stays alive until stdin closes: the parent reads
 the child's CPU and peak RSS from /proc in between, while the process still exists.
+Reports go to ``--report-fd`` (a pipe of the parent's), never stdout, which stays free for
+the throughput lines of ``measure_throughput`` and anything else a library prints.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from loadtest.common import sample_mail
 from mailer.config import load_settings
@@ -83,15 +86,15 @@ async def _stdin_line() -> str:
     return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
 
-async def _child(mails: int, first: int, mode: Mode, run: str) -> int:
+async def _child(mails: int, first: int, mode: Mode, run: str, report: TextIO) -> int:
     settings = load_settings(test=True)  # the parent points [test] at the run's tube
     batch = [sample_mail(run, first + i) for i in range(mails)]
     async with Producer(settings) as producer:
-        print("READY", flush=True)
+        print("READY", file=report, flush=True)
         if (await _stdin_line()).strip() != "GO":
             return 1
         result = await produce(producer, batch, mode)
-    print(json.dumps(asdict(result)), flush=True)
+    print(json.dumps(asdict(result)), file=report, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     return 0
 
@@ -102,8 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--first", type=int, default=0, help="number of the first mail (for unique subjects)")
     p.add_argument("--mode", choices=["send", "send_many"], default="send")
     p.add_argument("--run", required=True, help="run id stored in each mail's metadata")
+    p.add_argument("--report-fd", type=int, default=None, help="where READY and the result go (stdout)")
     args = p.parse_args(argv)
-    return asyncio.run(_child(args.mails, args.first, args.mode, args.run))
+    report = sys.stdout if args.report_fd is None else os.fdopen(args.report_fd, "w", buffering=1)
+    return asyncio.run(_child(args.mails, args.first, args.mode, args.run, report))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,11 @@
 """One load test: consumers up, producers go, progress until every mail is settled, summary.
 
+It works on the [test] tube and collections, as ``mailer-consumer --test`` does: consumers
+already watching that tube are used (and named), otherwise it starts its own; with
+``--consumers N`` it always starts its own, on a private tube when others watch the [test]
+one (so that they take none of the jobs being measured). Its mails carry the run id in
+their metadata, and it removes those and nothing else from a shared collection.
+
 The live display polls only beanstalkd's ``stats-tube`` (``total-jobs`` = queued,
 ``cmd-delete`` = delivered, as a consumer deletes a job only once its record is written):
 a status count on nx-27017 costs about 0.3 s of its CPU per call at 10,000 mails and would
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -22,8 +29,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from loadtest import children
 from loadtest.children import Child, ChildError, ProducerGroup
-from loadtest.common import child_env, delete_run, drain_tube, drop_collections, tube_stats
-from loadtest.procstat import ProcWatch, server_pids
+from loadtest.common import (
+    child_env,
+    delete_run,
+    drain_run_jobs,
+    drain_tube,
+    drop_collections,
+    run_mail_ids,
+    run_query,
+    tube_stats,
+)
+from loadtest.procstat import ProcWatch, consumers_of_test_tube, server_pids
 from loadtest.producer import Mode
 from loadtest.summary import Delivered, Summary
 from mailer.beanstalk import Beanstalk
@@ -33,6 +49,7 @@ from mailer.store import MailStore
 
 POLL_S = 0.5
 START_S = 60.0  # bound on child start-up (imports, connects) within the run's timeout
+THROUGHPUT = re.compile(r"Throughput: ([0-9.]+) ops / second")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +59,43 @@ class Options:
     mails: int = 10000
     producers: int = 1
     mode: Mode = "send"
-    consumers: int = 1
+    consumers: int | None = None  # None: the running consumers of the [test] tube, else 1 of ours
     concurrency: int = 50
     vendor_latency_ms: float = 0.0
     vendor_failure_rate: float = 0.0
-    external_consumers: bool = False
+    external_consumers: bool = False  # running consumers or nothing (an error when none)
     timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """The consumers already watching a tube: beanstalkd's count of watching connections
+    (one per reserve loop) and the local processes behind them (see procstat)."""
+
+    tube: str
+    loops: int
+    pids: tuple[int, ...]
+
+    def describe(self) -> str:
+        if not self.pids:
+            return (
+                f"using the running consumers on tube {self.tube}: {self.loops} reserve loops watch it, "
+                "none of them a process on this machine, so they are not counted or measured"
+            )
+        n = len(self.pids)
+        pids = ", ".join(map(str, self.pids))
+        return (
+            f"using {n} running consumer{'s' if n != 1 else ''} on tube {self.tube} "
+            f"(PID {pids}; {self.loops} reserve loops)"
+        )
+
+
+async def running_consumers(settings: Settings) -> Running:
+    b = settings.beanstalkd
+    async with Beanstalk(b.host, b.port) as bs:
+        loops = (await tube_stats(bs, b.tube)).get("current-watching", 0)
+    pids = tuple(consumers_of_test_tube(b.host, b.port, b.tube)) if loops else ()
+    return Running(b.tube, loops, pids)
 
 
 class LoadTest:
@@ -57,11 +105,11 @@ class LoadTest:
         self.opts = opts
         self.console = console
         self.run_id = uuid.uuid4().hex[:8]
-        # External consumers only know the plain [test] tube; our own get a tube of their own.
-        self.settings = base.for_test() if opts.external_consumers else base.for_test(f"_lt_{self.run_id}")
-        self.env = child_env(
-            self.settings, latency_ms=opts.vendor_latency_ms, failure_rate=opts.vendor_failure_rate
-        )
+        self.base = base
+        self.settings = base.for_test()  # until _plan: the [test] tube, or a private one
+        self.private = False  # our own tube and collections (dropped at the end)
+        self.running: Running | None = None  # the consumers we use, when not our own
+        self.env: dict[str, str] = {}
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"loadtest-{self.run_id}-"))
         self.summary = Summary(requested=opts.mails, run_id=self.run_id)
         self.watch = ProcWatch()
@@ -96,25 +144,61 @@ class LoadTest:
             await self._clean_up()  # also on Ctrl-C: the children are stopped by then
         return self.summary
 
-    async def _drive(self) -> None:
-        o, s = self.opts, self.settings
+    def _say(self, line: str) -> None:
+        self.summary.notes.append(line)
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def _on_output(self, child: str, line: str) -> None:
+        """A child's stdout line (throughput lines, mostly): above the progress bars."""
+        if m := THROUGHPUT.search(line):
+            self.summary.throughput.setdefault(child, []).append(float(m.group(1)))
+        self.console.print(f"{child}: {line}", markup=False, highlight=False, soft_wrap=True)
+
+    async def _plan(self) -> int:
+        """Whose consumers, on which tube; returns how many of our own to start."""
+        o = self.opts
+        running = await running_consumers(self.base.for_test())
+        if o.consumers is None and running.loops:
+            self.running = running
+            self._say(running.describe())
+            if o.vendor_latency_ms or o.vendor_failure_rate:
+                self._say("(--vendor-latency-ms/--vendor-failure-rate only apply to consumers it starts)")
+            return 0
         if o.external_consumers:
-            try:
-                await children.wait_watching(s, 1, 3.0)
-            except ChildError:
-                raise ChildError(
-                    f"--external-consumers: no consumer watches tube {s.beanstalkd.tube!r}; "
-                    "start one with 'mailer-consumer --test'"
-                ) from None
+            raise ChildError(
+                f"--external-consumers: no consumer watches tube {running.tube}; "
+                "start some with 'mailer-consumer --test' (or drop the option to start its own)"
+            )
+        n = o.consumers or 1
+        what = f"{n} consumer{'s' if n != 1 else ''}"
+        if not running.loops:
+            why = "" if o.consumers else f"no consumer watches tube {running.tube}: "
+            self._say(f"{why}starting {what} on tube {running.tube}")
+        else:
+            self.private, self.settings = True, self.base.for_test(f"_lt_{self.run_id}")
+            self._say(
+                f"starting {what} on a private tube {self.settings.beanstalkd.tube} (--consumers): "
+                f"the {running.loops} reserve loops watching {running.tube} take none of its jobs"
+            )
+        return n
+
+    async def _drive(self) -> None:
+        o = self.opts
+        own = await self._plan()
+        s = self.settings
+        self.env = child_env(s, latency_ms=o.vendor_latency_ms, failure_rate=o.vendor_failure_rate)
+        if self.running is not None:
+            for pid in self.running.pids:
+                self.watch.add(f"running-consumer-{pid}", pid, "consumer", own=False)
         else:
             self.consumers = await children.start_consumers(
-                o.consumers, o.concurrency, self.env, self.log_dir
+                own, o.concurrency, self.env, self.log_dir, on_output=self._on_output
             )
             for c in self.consumers:
                 self.watch.add(c.name, c.pid, "consumer")
-            await children.wait_watching(s, o.consumers * o.concurrency, START_S, self.consumers)
+            await children.wait_watching(s, own * o.concurrency, START_S, self.consumers)
         self.producers = await ProducerGroup.start(
-            o.mails, o.producers, o.mode, self.run_id, self.env, self.log_dir
+            o.mails, o.producers, o.mode, self.run_id, self.env, self.log_dir, self._on_output
         )
         for c in self.producers.children:
             self.watch.add(c.name, c.pid, "producer")
@@ -186,7 +270,7 @@ class LoadTest:
         )
 
     async def _read_results(self) -> None:
-        query = {"mail.metadata.loadtest": {"$eq": self.run_id}} if self.opts.external_consumers else {}
+        query = run_query(self.run_id)
         fields = {"_id": 0, "status": 1, "created_at": 1, "sent_at": 1}
         try:
             async with asyncio.timeout(60), MailStore(self.settings) as store:
@@ -199,15 +283,25 @@ class LoadTest:
             self.summary.e2e_rate = d.sent / (d.last_sent - self.t_go)
 
     async def _clean_up(self) -> None:
-        """Our own tube and collections go; on the shared [test] ones only this run's mails,
-        and only once delivered (undelivered ones are left for the external consumers)."""
+        """A private tube and collections go whole; on the shared [test] ones only this run's
+        mails (and, our consumers being stopped, its jobs), and while running consumers keep
+        working only once every mail is settled (undelivered ones are left to them)."""
         try:
             async with asyncio.timeout(60):
-                if not self.opts.external_consumers:
+                if self.private:
                     await drain_tube(self.settings)
                     await drop_collections(self.settings)
+                elif self.running is None:
+                    if not self.summary.ok:
+                        await drain_run_jobs(self.settings, await run_mail_ids(self.settings, self.run_id))
+                    await delete_run(self.settings, self.run_id)
                 elif self.summary.ok:
                     await delete_run(self.settings, self.run_id)
+                else:
+                    self.console.print(
+                        f"this run's undelivered mails stay in {self.settings.mongodb.collection} for the "
+                        f"running consumers (metadata.loadtest = {self.run_id!r})"
+                    )
         except Exception as exc:
             self.console.print(f"[yellow]clean-up incomplete: {type(exc).__name__}: {exc}[/]")
         if self.summary.ok:

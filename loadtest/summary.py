@@ -77,6 +77,8 @@ class Summary:
     timed_out: bool = False
     problem: str | None = None
     procs: list[Usage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # whose consumers, which tube
+    throughput: dict[str, list[float]] = field(default_factory=dict)  # child -> its lines' ops/s
 
     @property
     def ok(self) -> bool:
@@ -97,6 +99,10 @@ class Summary:
     def render(self, console: Console) -> None:
         console.print(self._main_table())
         console.print(self._process_table())
+        if self.throughput:
+            console.print(self._throughput_table())
+        for note in self.notes:
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
         if self.first_error:
             console.print(f"[red]first producer error:[/] {self.first_error}")
         if self.problem:
@@ -135,6 +141,18 @@ class Summary:
             if len(members) > 1:
                 cpu = sum(u.cpu_s for u in members)
                 t.add_row(f"all {group}s", "", f"{cpu:.2f}", f"{self.cpu_per_1000(cpu, group):.3f}", "")
+        return t
+
+    def _throughput_table(self) -> Table:
+        """The children's own ``Throughput:`` lines (``measure_throughput``), beside the
+        figures above: the peak is the best interval, the mean that of the busy ones."""
+        t = Table(title="Throughput lines of the children (measure_throughput)")
+        for name in ("process", "lines", "peak ops/s", "mean ops/s while busy"):
+            t.add_column(name, justify="left" if name == "process" else "right")
+        for child, rates in sorted(self.throughput.items()):
+            busy = [r for r in rates if r > 0]
+            mean = sum(busy) / len(busy) if busy else 0.0
+            t.add_row(child, str(len(rates)), f"{max(rates):,.1f}", f"{mean:,.1f}")
         return t
 
 

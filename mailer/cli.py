@@ -1,7 +1,11 @@
 """``mailer``: the operations command line.
 
-Exit codes: 0 ok, 1 failure, 2 usage (argparse's own convention). Every error is one line
-on stderr that says what to do; tracebacks are for bugs only.
+Exit codes, the same in ``mailer-consumer``: 0 ok; 1 a runtime or service error (MongoDB or
+beanstalkd unreachable, a mail refused or not found); 2 a usage or configuration error (bad
+arguments, an unusable configuration file, MAILER_* variable or MongoDB URI, production
+without vendors); 130 interrupted. Every error is one line on stderr that says what to do;
+tracebacks are for bugs only. The edge helpers here (parser, durations, error mapping) are
+shared with ``mailer-consumer`` so both commands behave alike.
 """
 
 from __future__ import annotations
@@ -15,32 +19,133 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConfigurationError, PyMongoError
 
+from mailer import __version__
 from mailer.beanstalk import Beanstalk
-from mailer.config import Settings, load_settings
-from mailer.errors import EmailValidationError, MailerError
+from mailer.config import DEFAULT_CONFIG_FILE, ENVIRONMENTS, Settings, load_settings
+from mailer.errors import ConfigError, MailerError, VendorConfigError
+from mailer.logs import setup_logging
 from mailer.models import MailRecord
 from mailer.producer import Producer
 from mailer.requeue import sweep
 from mailer.store import MailStore
+from mailer.vendors import vendor_names
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = f"""\
+exit codes:
+  0    done
+  1    runtime or service error: MongoDB or beanstalkd unreachable, a mail refused or not found
+  2    usage or configuration error: bad arguments, an unusable configuration file, MAILER_*
+       variable or mongodb.uri, MAILER_ENV=production without a [vendors.NAME] section
+  130  interrupted
+
+environment:
+  MAILER_ENV     {", ".join(ENVIRONMENTS)} (any case; development is the default);
+                 only production sends through real vendors, any other value is refused
+  MAILER_CONFIG  the configuration file when --config is not given (default: ./{DEFAULT_CONFIG_FILE})
+  MAILER_*       any configuration key, nested with __ (MAILER_BEANSTALKD__PORT=11301); beats the file
+"""
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# SimulatedVendor's message ids start so: how a record tells a simulated send from a real one.
+_SIMULATED_ID = "sim-"
 
 
 class UsageError(Exception):
-    """Bad arguments: exit 2."""
+    """Bad arguments found after parsing: exit 2."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual but keeps the laid-out tables (exit codes, environment)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line plus a hint, not the whole usage block."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("epilog", EPILOG)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
 def parse_duration(text: str) -> float:
-    """``90``, ``30s``, ``10m``, ``2h``, ``1d`` -> seconds."""
+    """``90``, ``30s``, ``10m``, ``2h``, ``1d`` -> seconds; the one parser of every duration."""
     m = _DURATION.match(text.strip())
     if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use e.g. 30s, 10m, 2h")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use e.g. 90, 30s, 10m, 2h")
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse type for a whole number of at least ``minimum`` (negative counts refused)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
+    )
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code of --help/--version/a usage error, so that
+    ``main()`` returns its code instead of raising SystemExit in a caller's process."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
+def _exit_code(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one line for an expected error; anything else is a bug."""
+    if isinstance(exc, UsageError | ConfigError | VendorConfigError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, MailerError):
+        return EXIT_FAILURE, str(exc)
+    if isinstance(exc, ConfigurationError):
+        # Never the driver's message: it may quote the URI, which may hold a password.
+        return EXIT_USAGE, f"MongoDB configuration error ({type(exc).__name__}): check mongodb.uri"
+    if isinstance(exc, PyMongoError):
+        return EXIT_FAILURE, f"MongoDB error ({type(exc).__name__}); check mongodb.uri and the server"
+    raise exc
+
+
+def run_guarded(prog: str, action: Callable[[], int]) -> int:
+    """Run a command; each expected error becomes one line on stderr and its exit code."""
+    try:
+        return action()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. piped into `head`
+        return EXIT_OK
+    except (MailerError, PyMongoError, UsageError) as exc:
+        code, line = _exit_code(exc)
+        print(f"{prog}: {line}", file=sys.stderr)
+        return code
 
 
 def _queue(settings: Settings) -> Beanstalk:
@@ -48,17 +153,21 @@ def _queue(settings: Settings) -> Beanstalk:
     return Beanstalk(b.host, b.port, connect_timeout=b.connect_timeout_s, command_timeout=b.command_timeout_s)
 
 
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2))
+
+
 # --- subcommands ----------------------------------------------------------------------------
 
 
 def _mail_from_args(args: argparse.Namespace) -> dict[str, Any] | bytes:
-    if args.json is not None:
+    if args.file is not None:
         # Bytes, not text: decoding is the JSON parser's job, so invalid UTF-8 is reported
         # like any other bad input (naming its field), whatever the locale's encoding.
         try:
-            raw = sys.stdin.buffer.read() if args.json == "-" else Path(args.json).read_bytes()
+            raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
         except OSError as exc:
-            raise UsageError(f"cannot read {args.json}: {exc}") from None
+            raise UsageError(f"cannot read {args.file}: {exc}") from None
         return raw
     mail: dict[str, Any] = {}
     for key in ("from_", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "idempotency_key"):
@@ -79,7 +188,7 @@ def _mail_from_args(args: argparse.Namespace) -> dict[str, Any] | bytes:
             headers[name.strip()] = value.strip()
         mail["headers"] = headers
     if not mail:
-        raise UsageError("give the mail as flags (--from, --to, --subject, --text ...) or with --json FILE|-")
+        raise UsageError("give the mail as flags (--from, --to, --subject, --text ...) or with --file FILE|-")
     return mail
 
 
@@ -87,8 +196,16 @@ async def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     mail = _mail_from_args(args)
     async with Producer(settings) as producer:
         mail_id = await producer.send(mail)
-    print(mail_id)
+    if args.json:
+        _print_json({"id": mail_id})
+    else:
+        print(mail_id)
     return 0
+
+
+def _simulated(record: MailRecord) -> bool:
+    ids = [record.message_id, *(a.message_id for a in record.attempts)]
+    return any(i is not None and i.startswith(_SIMULATED_ID) for i in ids)
 
 
 def _format_record(record: MailRecord) -> str:
@@ -103,9 +220,9 @@ def _format_record(record: MailRecord) -> str:
         f"updated:   {record.updated_at.isoformat()}",
     ]
     if record.sent_at:
-        lines.append(
-            f"sent:      {record.sent_at.isoformat()} via {record.vendor} (message id {record.message_id})"
-        )
+        how = "simulated, nothing left the machine; " if _simulated(record) else ""
+        sent = f"{record.sent_at.isoformat()} via {record.vendor}"
+        lines.append(f"sent:      {sent} ({how}message id {record.message_id})")
     if record.error:
         lines.append(f"error:     {record.error}")
     lines.append(f"rounds:    {record.rounds}")
@@ -123,7 +240,9 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     async with MailStore(settings) as store:
         record = await store.get(args.id)
     if args.json:
-        print(record.model_dump_json(indent=2, by_alias=True))
+        data = record.model_dump(mode="json", by_alias=True)
+        data["simulated"] = _simulated(record)
+        _print_json(data)
     else:
         print(_format_record(record))
     return 0
@@ -142,7 +261,7 @@ async def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     }
     data = {"tube": tube, "jobs": jobs, "collection": settings.mongodb.collection, "mails": counts}
     if args.json:
-        print(json.dumps(data, indent=2))
+        _print_json(data)
     else:
         print(
             f"tube {tube}: " + (", ".join(f"{k} {v}" for k, v in jobs.items()) or "no jobs (tube not in use)")
@@ -156,6 +275,19 @@ async def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
     async with MailStore(settings) as store, _queue(settings) as queue:
         report = await sweep(settings, store, queue, older_than_s=args.older_than, dry_run=args.dry_run)
+    if args.json:
+        _print_json(
+            {
+                "dry_run": report.dry_run,
+                "found": report.found,
+                "requeued": report.requeued,
+                "skipped": report.skipped,
+                "threshold_s": report.threshold_s,
+                "live": report.live,
+                "in_flight": report.in_flight,
+            }
+        )
+        return 0
     print(report.summary())
     if args.verbose:
         for mail_id in report.requeued:
@@ -167,16 +299,30 @@ async def cmd_kick(settings: Settings, args: argparse.Namespace) -> int:
     async with _queue(settings) as queue:
         await queue.use(settings.beanstalkd.tube)
         kicked = await queue.kick(args.bound)
-    print(f"kicked {kicked} job(s) in tube {settings.beanstalkd.tube}")
+    if args.json:
+        _print_json({"tube": settings.beanstalkd.tube, "kicked": kicked})
+    else:
+        print(f"kicked {kicked} job(s) in tube {settings.beanstalkd.tube}")
     return 0
 
 
 async def cmd_vendors(settings: Settings, args: argparse.Namespace) -> int:
+    names = vendor_names(settings)  # production without vendors: the consumer's own error
+    unknown = [n for n in args.reset if n not in names]
+    if unknown:
+        raise UsageError(f"--reset {unknown[0]}: not a vendor of this configuration ({', '.join(names)})")
     async with MailStore(settings) as store:
+        for name in dict.fromkeys(args.reset):
+            await store.clear_vendor(name)
+            if not args.json:
+                print(
+                    f"{name}: mark cleared; running consumers use it again at their next refresh "
+                    f"(within consumer.registry_refresh_s, {settings.consumer.registry_refresh_s:g} s)"
+                )
         marks = await store.vendor_marks()
     now = time.time()
     rows: list[dict[str, Any]] = []
-    for name in settings.vendor_order():
+    for name in names:
         until, reason = marks.get(name, (0.0, ""))
         rows.append(
             {
@@ -188,7 +334,7 @@ async def cmd_vendors(settings: Settings, args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        print(json.dumps(rows, indent=2))
+        _print_json(rows)
     else:
         for r in rows:
             if r["available"]:
@@ -203,86 +349,134 @@ async def cmd_vendors(settings: Settings, args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", default=None, help="configuration file (default: ./config.toml if present)"
+        "--config",
+        metavar="PATH",
+        default=None,
+        help=f"configuration file (default: $MAILER_CONFIG, else ./{DEFAULT_CONFIG_FILE} if present)",
     )
     common.add_argument("--test", action="store_true", help="use the [test] tube and collections")
-    common.add_argument("-v", "--verbose", action="store_true")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) on stderr")
+    common.add_argument("--json", action="store_true", help="print the result as JSON")
+    return common
 
-    p = argparse.ArgumentParser(prog="mailer", description="Operate the mailer service.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("send", parents=[common], help="send one mail; prints its id")
-    s.add_argument("--json", metavar="FILE", help="the mail as a JSON document ('-' for stdin)")
-    s.add_argument("--from", dest="from_", metavar="ADDRESS")
-    s.add_argument("--to", action="append", default=[], metavar="ADDRESS")
-    s.add_argument("--cc", action="append", default=[], metavar="ADDRESS")
-    s.add_argument("--bcc", action="append", default=[], metavar="ADDRESS")
-    s.add_argument("--reply-to", dest="reply_to", action="append", default=[], metavar="ADDRESS")
-    s.add_argument("--subject")
-    s.add_argument("--text")
-    s.add_argument("--html")
-    s.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
-    s.add_argument("--tag", action="append", default=[])
-    s.add_argument("--priority", type=int)
-    s.add_argument("--delay", type=float, help="seconds before the mail may go out")
-    s.add_argument("--idempotency-key", dest="idempotency_key")
+def _add_send(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser(
+        "send",
+        parents=[common],
+        help="send one mail; prints its id",
+        description="Store one mail in MongoDB and queue its id; prints the id (24 hex characters).",
+    )
+    s.add_argument("--file", metavar="FILE", help="the mail as a JSON document ('-' reads stdin)")
+    s.add_argument("--from", dest="from_", metavar="ADDRESS", help="sender, e.g. 'Shop <shop@example.com>'")
+    s.add_argument("--to", action="append", default=[], metavar="ADDRESS", help="recipient (repeatable)")
+    s.add_argument("--cc", action="append", default=[], metavar="ADDRESS", help="copy recipient (repeatable)")
+    s.add_argument("--bcc", action="append", default=[], metavar="ADDRESS", help="blind copy (repeatable)")
+    s.add_argument(
+        "--reply-to", dest="reply_to", action="append", default=[], metavar="ADDRESS", help="reply address"
+    )
+    s.add_argument("--subject", help="the subject line")
+    s.add_argument("--text", help="the plain-text body")
+    s.add_argument("--html", help="the HTML body")
+    s.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="extra header")
+    s.add_argument("--tag", action="append", default=[], help="a tag for the vendors (repeatable)")
+    s.add_argument("--priority", type=count(0), help="beanstalkd priority, 0 most urgent (default: config)")
+    s.add_argument(
+        "--delay", type=parse_duration, metavar="DURATION", help="wait before sending: 90, 30s, 5m, 2h"
+    )
+    s.add_argument("--idempotency-key", dest="idempotency_key", help="a key already used sends nothing new")
     s.set_defaults(func=cmd_send)
 
-    st = sub.add_parser("status", parents=[common], help="a mail's record and attempts")
-    st.add_argument("id")
-    st.add_argument("--json", action="store_true")
+
+def _add_operations(sub: Any, common: argparse.ArgumentParser) -> None:
+    st = sub.add_parser(
+        "status",
+        parents=[common],
+        help="a mail's record and attempts",
+        description="Show a stored mail's status, its vendor and every attempt (exit 1 if unknown).",
+    )
+    st.add_argument("id", help="the mail id printed by 'mailer send' (24 hex characters)")
     st.set_defaults(func=cmd_status)
 
-    sa = sub.add_parser("stats", parents=[common], help="tube counts and mail status counts")
-    sa.add_argument("--json", action="store_true")
+    sa = sub.add_parser(
+        "stats",
+        parents=[common],
+        help="tube counts and mail status counts",
+        description="Jobs of the tube by state (beanstalkd) and mails by status (MongoDB).",
+    )
     sa.set_defaults(func=cmd_stats)
 
-    rq = sub.add_parser("requeue", parents=[common], help="queue again the mails no live job can deliver")
-    rq.add_argument("--older-than", type=parse_duration, default=None, help="e.g. 10m (default: config)")
-    rq.add_argument("--dry-run", action="store_true")
+    rq = sub.add_parser(
+        "requeue",
+        parents=[common],
+        help="queue again the mails no live job can deliver",
+        description="Find mails left queued or retrying with no job to deliver them (e.g. beanstalkd "
+        "lost its binlog) and put their ids back on the tube. The consumers run this sweep too.",
+    )
+    rq.add_argument(
+        "--older-than",
+        type=parse_duration,
+        metavar="DURATION",
+        default=None,
+        help="only mails untouched this long: 90, 30s, 10m, 2h (default: consumer.requeue_older_than_s)",
+    )
+    rq.add_argument("--dry-run", action="store_true", help="list what would be requeued, change nothing")
     rq.set_defaults(func=cmd_requeue)
 
-    k = sub.add_parser("kick", parents=[common], help="move buried jobs back to ready")
-    k.add_argument("--bound", type=int, default=1_000_000, help="at most this many")
+    k = sub.add_parser(
+        "kick",
+        parents=[common],
+        help="move buried jobs back to ready",
+        description="Kick buried jobs of the tube back to ready, so consumers try them again.",
+    )
+    k.add_argument("--bound", type=count(1), default=1_000_000, help="at most this many jobs (default: all)")
     k.set_defaults(func=cmd_kick)
 
-    v = sub.add_parser("vendors", parents=[common], help="each vendor's availability")
-    v.add_argument("--json", action="store_true")
+    v = sub.add_parser(
+        "vendors",
+        parents=[common],
+        help="each vendor's availability; --reset clears a mark",
+        description="Each vendor in round-robin order, real or simulated, and whether a failure "
+        "marked it unavailable. --reset NAME clears the mark at once (e.g. after fixing its API "
+        "key); running consumers adopt it at their next refresh.",
+    )
+    v.add_argument(
+        "--reset", action="append", default=[], metavar="NAME", help="make NAME available again (repeatable)"
+    )
     v.set_defaults(func=cmd_vendors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(
+        prog="mailer",
+        description="Operate the mailer service: send a mail, inspect mails, queues and vendors, "
+        "requeue orphans. 'mailer COMMAND --help' describes each command.",
+    )
+    add_version(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common()
+    _add_send(sub, common)
+    _add_operations(sub, common)
     return p
 
 
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, test=args.test)
+    if args.command == "requeue" and args.older_than is None:
+        args.older_than = settings.consumer.requeue_older_than_s
+    func: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]] = args.func
+    return asyncio.run(func(settings, args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
-    prog = f"mailer {args.command}"
-    try:
-        settings = load_settings(args.config, test=args.test)
-        if args.command == "requeue" and args.older_than is None:
-            args.older_than = settings.consumer.requeue_older_than_s
-        func: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]] = args.func
-        return asyncio.run(func(settings, args))
-    except UsageError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    except EmailValidationError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    except MailerError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    except PyMongoError as exc:
-        print(
-            f"{prog}: MongoDB error ({type(exc).__name__}); check mongodb.uri and the server", file=sys.stderr
-        )
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # e.g. piped into `head`
-        return 0
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    setup_logging(logging.INFO if args.verbose else logging.WARNING)
+    return run_guarded(f"mailer {args.command}", lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The one typed settings object, built once at the edge and passed down.
 
 Precedence, lowest first: built-in defaults (the local services that ``make run`` starts),
-then ``config.toml`` in the working directory or the file named by ``--config`` /
-``MAILER_CONFIG``, then ``MAILER_*`` environment variables (nested keys with ``__``, e.g.
-``MAILER_BEANSTALKD__PORT``). Nothing else in the package reads the environment.
+then one configuration file, then ``MAILER_*`` environment variables (nested keys with
+``__``, e.g. ``MAILER_BEANSTALKD__PORT``). The file is the first of: the path given to
+``load_settings`` (``--config``), ``MAILER_CONFIG``, ``./mailer.toml``. The name is our own
+because the producer runs inside other applications, whose working directory may well hold
+a ``config.toml`` that is theirs. Nothing else in the package reads the environment.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from mailer.errors import ConfigError
 
 DEFAULT_VENDOR_ORDER = ("amazon", "mailgun", "sendinblue", "sparkpost")
 KNOWN_VENDORS = (*DEFAULT_VENDOR_ORDER, "smtp")
+DEFAULT_CONFIG_FILE = "mailer.toml"
+SAMPLE_CONFIG_FILE = "mailer.sample.toml"
+ENVIRONMENTS = ("development", "test", "production")
+MONGODB_SCHEMES = ("mongodb://", "mongodb+srv://")
 
 
 class _Section(BaseModel):
@@ -46,6 +52,17 @@ class MongoSettings(_Section):
     collection: str = Field("mails", pattern=r"^[a-z_0-9]{1,100}$")
     vendor_status_collection: str = Field("vendor_status", pattern=r"^[a-z_0-9]{1,100}$")
     timeout_ms: int = Field(5000, ge=100)
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: SecretStr) -> SecretStr:
+        # Checked here so a typo stops start-up with the key's name; the value is never echoed.
+        if not uri.get_secret_value().strip().startswith(MONGODB_SCHEMES):
+            raise ValueError(
+                "not a MongoDB URI: it must start with mongodb:// or mongodb+srv:// "
+                "(e.g. mongodb://USER:PASSWORD@HOST:27017/mailer)"
+            )
+        return uri
 
 
 class TestModeSettings(_Section):
@@ -145,6 +162,7 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    # development (the default), test or production, in any case; only production sends.
     env: str = "development"
     measure_throughput: bool = False
     throughput_interval_s: float = Field(5.0, gt=0)
@@ -170,6 +188,18 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment beats the file (which arrives as init kwargs).
         return (env_settings, init_settings)
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _known_env(cls, value: object) -> object:
+        """Normalise the case; refuse anything else, because a typo such as ``prod`` used to
+        run simulated while recording every mail as sent."""
+        if not isinstance(value, str):
+            return value
+        env = value.strip().lower()
+        if env not in ENVIRONMENTS:
+            raise ValueError(f"MAILER_ENV={value!r} is not accepted")
+        return env
 
     @property
     def production(self) -> bool:
@@ -203,14 +233,31 @@ def _describe(errors: list[Any]) -> list[str]:
     out = []
     for err in errors:
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            out.append(f"key '{key}': unknown key (see config.sample.toml for the valid keys)")
+        if key == "env":
+            # Not a secret: naming the value is the point (a typo like 'prod').
+            out.append(
+                f"MAILER_ENV={err['input']!r} (key 'env') is not accepted: use one of "
+                f"{', '.join(ENVIRONMENTS)} (any case; development is the default)"
+            )
+        elif err["type"] == "extra_forbidden":
+            out.append(f"key '{key}': unknown key (see {SAMPLE_CONFIG_FILE} for the valid keys)")
         elif err["type"] == "missing":
             out.append(f"key '{key}': required but missing")
         else:
             # The message only, never the input: the input may be a secret.
-            out.append(f"key '{key}': {err['msg']}")
+            out.append(f"key '{key}': {err['msg'].removeprefix('Value error, ')}")
     return out
+
+
+def _config_file(path: str | os.PathLike[str] | None) -> Path | None:
+    """The one file to read: a named file must exist, the default one may be absent."""
+    named = path if path is not None else os.environ.get("MAILER_CONFIG") or None
+    if named is not None:
+        if not Path(named).is_file():
+            raise ConfigError(f"{named}: configuration file not found (named by --config or MAILER_CONFIG)")
+        return Path(named)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
 
 
 def load_settings(
@@ -221,15 +268,9 @@ def load_settings(
     """Build the settings once at start-up; raises ConfigError with one clear message.
 
     ``path`` (from ``--config``) or ``MAILER_CONFIG`` names a file that must exist;
-    otherwise ``./config.toml`` is read when present.
+    otherwise ``./mailer.toml`` is read when present.
     """
-    named = path if path is not None else os.environ.get("MAILER_CONFIG") or None
-    if named is not None:
-        file: Path | None = Path(named)
-        if not Path(named).is_file():
-            raise ConfigError(f"{named}: configuration file not found (named by --config or MAILER_CONFIG)")
-    else:
-        file = Path("config.toml") if Path("config.toml").is_file() else None
+    file = _config_file(path)
 
     data: dict[str, Any] = {}
     if file is not None:
@@ -241,7 +282,7 @@ def load_settings(
             raise ConfigError(f"{file}: not valid TOML: {exc}") from None
         for reserved in ("source", "file_vendor_order"):
             if reserved in data:
-                raise ConfigError(f"{file}: key '{reserved}': unknown key (see config.sample.toml)")
+                raise ConfigError(f"{file}: key '{reserved}': unknown key (see {SAMPLE_CONFIG_FILE})")
         vendors = data.get("vendors")
         if isinstance(vendors, dict):
             data["file_vendor_order"] = tuple(k for k in vendors if k in KNOWN_VENDORS)

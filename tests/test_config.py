@@ -1,4 +1,4 @@
-"""Configuration: defaults, config.toml, --config / MAILER_CONFIG, MAILER_* env, errors, secrets."""
+"""Configuration: defaults, mailer.toml, --config / MAILER_CONFIG, MAILER_* env, errors, secrets."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ SECRETS = ("mg-SECRET-123", "sp-SECRET-456", "PASSW0RD-789", "AKIA-SECRET", "aws
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No MAILER_* variable of the caller's shell and no config.toml of the repository."""
+    """No MAILER_* variable of the caller's shell and no mailer.toml of the repository."""
     for name in list(os.environ):
         if name.upper().startswith("MAILER_"):
             monkeypatch.delenv(name)
@@ -43,14 +43,14 @@ def test_defaults_point_at_local_services() -> None:
     assert s.vendor_order() == list(DEFAULT_VENDOR_ORDER)
 
 
-def test_config_toml_in_cwd_overrides_defaults(isolated: Path) -> None:
+def test_mailer_toml_in_cwd_overrides_defaults(isolated: Path) -> None:
     write(
-        isolated / "config.toml",
+        isolated / "mailer.toml",
         'measure_throughput = true\n[beanstalkd]\nport = 11999\ntube = "filetube"\n'
         '[mongodb]\ncollection = "file_mails"\n',
     )
     s = load_settings()
-    assert s.source == "config.toml"
+    assert s.source == "mailer.toml"
     assert s.measure_throughput is True
     assert s.beanstalkd.port == 11999
     assert s.beanstalkd.tube == "filetube"
@@ -59,7 +59,7 @@ def test_config_toml_in_cwd_overrides_defaults(isolated: Path) -> None:
 
 
 def test_named_file_beats_cwd_config(isolated: Path) -> None:
-    write(isolated / "config.toml", "[beanstalkd]\nport = 11111\n")
+    write(isolated / "mailer.toml", "[beanstalkd]\nport = 11111\n")
     other = write(isolated / "other.toml", "[beanstalkd]\nport = 12222\n")
     assert load_settings(other).beanstalkd.port == 12222
     assert load_settings().beanstalkd.port == 11111
@@ -139,7 +139,7 @@ def test_missing_required_vendor_key(isolated: Path) -> None:
 
 
 def test_env_beats_the_file(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write(isolated / "config.toml", '[beanstalkd]\nport = 11999\ntube = "filetube"\n')
+    write(isolated / "mailer.toml", '[beanstalkd]\nport = 11999\ntube = "filetube"\n')
     monkeypatch.setenv("MAILER_BEANSTALKD__PORT", "12345")
     monkeypatch.setenv("MAILER_ENV", "production")
     monkeypatch.setenv("MAILER_MEASURE_THROUGHPUT", "true")
@@ -150,9 +150,74 @@ def test_env_beats_the_file(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert s.measure_throughput is True
 
 
-def test_only_production_enables_real_sending(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MAILER_ENV", "staging")
-    assert load_settings().production is False
+@pytest.mark.parametrize(
+    ("value", "env"),
+    [("production", "production"), ("Production", "production"), (" PRODUCTION ", "production"),
+     ("test", "test"), ("TEST", "test"), ("Development", "development")],
+)  # fmt: skip
+def test_env_accepts_the_three_names_in_any_case(
+    monkeypatch: pytest.MonkeyPatch, value: str, env: str
+) -> None:
+    monkeypatch.setenv("MAILER_ENV", value)
+    s = load_settings()
+    assert s.env == env
+    assert s.production is (env == "production")
+
+
+@pytest.mark.parametrize("value", ["prod", "staging", "", "live", "productionn"])
+def test_any_other_env_stops_with_one_line_naming_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    # 'prod' used to run simulated and record the mails as sent: a typo must stop start-up.
+    monkeypatch.setenv("MAILER_ENV", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"MAILER_ENV={value!r}" in msg
+    for accepted in ("development", "test", "production"):
+        assert accepted in msg
+
+
+def test_env_in_the_file_is_checked_alike(isolated: Path) -> None:
+    assert load_settings(write(isolated / "c.toml", 'env = "Production"\n')).production
+    with pytest.raises(ConfigError, match=r"'prod'.*development, test, production"):
+        load_settings(write(isolated / "c.toml", 'env = "prod"\n'))
+
+
+def test_a_foreign_config_toml_in_cwd_is_ignored(isolated: Path) -> None:
+    # Another application's config.toml (here a pyproject-like one) is not ours to read.
+    write(isolated / "config.toml", '[tool]\nname = "someone else"\n[beanstalkd]\nport = 1\n')
+    s = load_settings()
+    assert s.source == "built-in defaults"
+    assert s.beanstalkd.port == 11300
+
+
+def test_lookup_order_explicit_path_then_env_then_cwd(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(isolated / "mailer.toml", "[beanstalkd]\nport = 11111\n")
+    named = write(isolated / "named.toml", "[beanstalkd]\nport = 12222\n")
+    by_env = write(isolated / "env.toml", "[beanstalkd]\nport = 13333\n")
+    assert load_settings().beanstalkd.port == 11111
+    monkeypatch.setenv("MAILER_CONFIG", str(by_env))
+    assert load_settings().beanstalkd.port == 13333
+    assert load_settings(named).beanstalkd.port == 12222
+
+
+@pytest.mark.parametrize(
+    "uri", ["http://u:PASSW0RD-789@db.example.com/x", "PASSW0RD-789", "mongo://h/db", "   "]
+)
+def test_mongodb_uri_with_a_bad_scheme_is_a_config_error(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    monkeypatch.setenv("MAILER_MONGODB__URI", uri)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    msg = str(info.value)
+    assert "mongodb.uri" in msg and "mongodb://" in msg and "mongodb+srv://" in msg
+    assert "PASSW0RD-789" not in msg and "\n" not in msg
+
+
+def test_mongodb_srv_uri_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILER_MONGODB__URI", "mongodb+srv://u:p@cluster.example.com/db")
+    assert load_settings().mongodb.uri.get_secret_value().startswith("mongodb+srv://")
 
 
 def test_wrong_type_in_env_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -303,7 +368,7 @@ def test_for_test_switches_tube_and_collections() -> None:
 
 def test_load_settings_test_flag(isolated: Path) -> None:
     write(
-        isolated / "config.toml",
+        isolated / "mailer.toml",
         '[beanstalkd]\ntube = "prod_tube"\n[test]\ntube = "ci_tube"\ncollection = "ci_mails"\n',
     )
     s = load_settings(test=True)
