@@ -613,6 +613,8 @@ class Status(StrEnum):
     RETRYING = "retrying"
     SENT = "sent"
     FAILED = "failed"
+    # Withdrawn by the application before it was sent: the consumer deletes its job unsent.
+    CANCELLED = "cancelled"
 
 
 Outcome = Literal["sent", "transient", "permanent", "auth", "unknown", "unavailable", "unsupported"]

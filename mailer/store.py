@@ -46,6 +46,7 @@ _CLAIMABLE = [Status.QUEUED.value, Status.RETRYING.value]
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's documented BSON document limit
 # What the requeue sweep reads of a candidate.
 _SWEEP_FIELDS = ("status", "priority", "job_id", "batch", "queued_ts", "requeued_ts", "lease_until")
+_FINISHED = (Status.SENT.value, Status.FAILED.value, Status.CANCELLED.value)
 # What a failed claim reads back to tell why.
 _CLAIM_VIEW = {"status": 1, "lease_until": 1, "job_id": 1, "consumer": 1, "claim": 1, "priority": 1}
 # Claims of one still-claimable mail that may fail in a row before its job is put off.
@@ -449,7 +450,7 @@ class MailStore(AsyncResource):
             if current is None:
                 return Claim(ClaimState.MISSING)
             status = current.get("status")
-            if status in (Status.SENT.value, Status.FAILED.value):
+            if status in _FINISHED:
                 return Claim(ClaimState.DONE, current)
             if status not in _CLAIMABLE and status != Status.SENDING.value:
                 return Claim(ClaimState.CORRUPT, current)

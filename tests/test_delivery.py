@@ -659,3 +659,16 @@ async def test_a_claim_taken_over_meanwhile_sends_nothing_more(settings: Setting
 def test_backoff_jitter_spreads_retries_below_the_plain_delay() -> None:
     delays = {backoff_delay(3, 30, 3600, jitter=j / 10) for j in range(10)}
     assert len(delays) == 10 and max(delays) == 120 and min(delays) >= 0.8 * 120
+
+
+async def test_the_job_of_a_cancelled_mail_is_deleted_unsent(settings: Settings) -> None:
+    [mail_id] = await produce(settings, 1)
+    async with MailStore(settings) as store:
+        await store.mails.update_one({"_id": ObjectId(mail_id)}, {"$set": {"status": "cancelled"}})
+    vendors = fake_vendors()
+    async with delivery_rig(settings, vendors) as rig:
+        job, settle = await rig.step()
+        doc = await rig.doc(mail_id)
+    assert settle.action is Action.DELETE and settle.reason == "already finished"
+    assert await job_stats(settings, job.id) is None
+    assert sum(len(v.sends) for v in vendors) == 0 and doc["status"] == "cancelled"
