@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 CONCURRENCY ?= 50
 
-.PHONY: help venv services services-stop services-status run test lint bench loadtest faults clean
+.PHONY: help venv services services-stop services-status run api test lint bench loadtest faults clean
 
 help:
 	@echo "make run            set up, start beanstalkd + nx-27017, run a consumer (simulated sending)"
+	@echo "make api            set up, start the services, serve the HTTP API (mailer-api) on 127.0.0.1:8025"
 	@echo "make test           set up, start the services, run lint and the whole test suite"
 	@echo "make services       start beanstalkd (127.0.0.1:11300) and nx-27017 (127.0.0.1:27017)"
 	@echo "make services-stop  stop them (by their pid files in .data/)"
@@ -42,6 +43,9 @@ services-status:
 
 run: services
 	$(VENV)/bin/mailer-consumer --concurrency $(CONCURRENCY)
+
+api: services
+	$(VENV)/bin/mailer-api
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mailer tests loadtest

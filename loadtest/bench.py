@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from loadtest import cases, raw
+from loadtest import apicases, cases, lonecases, ratecases, raw
 from loadtest.common import settings_or_exit
 from loadtest.producer import Mode
 from loadtest.report import Samples, summarise, write
@@ -74,6 +74,8 @@ async def one_run(
         values[key], values[f"cpu_{key}"] = m.rate, m.cpu_us
         extra[key] = asdict(m)
         note(key, f"{m.rate:,.0f} mails/s; CPU us/mail: producer {m.cpu_us:,.0f}, {m.server_us()}")
+    values.update(await apicases.run(base, sizes.send, sizes.send_many, note))
+    values |= await lonecases.run(base, 2 * sizes.send, note)  # issue 16: lone send, send_many vs raw
     drains = (
         ("drain", 1, 50, 0.0),
         ("drain_100", 1, 50, 100.0),
@@ -98,12 +100,15 @@ async def one_run(
         )
         if key == "drain":
             values["cpu_consumer"] = d.consumer_cpu_us
+            values["rss_50"] = d.consumer_rss_kb / 1024
+            values["reserve_timeout_s"] = float(base.consumer.reserve_timeout_s)  # the stall's scale
             if d.stall_s is not None:
                 values["stall"] = d.stall_s
                 note("stall", f"{d.stall_s * 1000:,.0f} ms")
         if key == "drain_200":
             values["rss_200"] = d.consumer_rss_kb / 1024
             note("rss_200", f"{values['rss_200']:.1f} MB")
+    values.update(await ratecases.run_all(base, note))
     return values, extra
 
 

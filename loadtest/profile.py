@@ -1,4 +1,6 @@
-"""``python -m loadtest.profile send|send_many|drain``: where the client CPU goes.
+"""``python -m loadtest.profile send|lone|send_many|drain``: where the client CPU goes.
+
+``lone`` is ``send`` from one task, each call awaited before the next (issue 16).
 
 py-spy (``pip install py-spy`` into the venv; not a declared dependency) is attached only
 for the timed window of one benchmark case (to this process for the producer cases, to
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from loadtest import cases
 from loadtest.common import sample_mail, settings_or_exit
-from loadtest.producer import Mode, produce
+from loadtest.producer import SEND_CONCURRENCY, Mode, produce
 from mailer.config import Settings
 from mailer.producer import Producer
 
@@ -39,6 +41,18 @@ COMPONENTS = (
     ("mailer.beanstalk client", r"mailer/beanstalk\.py"),
     ("mailer delivery/store/routing/consumer", r"mailer/(delivery|store|routing|consumer|vendors|producer)"),
     ("asyncio event loop, tasks, timers", r"asyncio/|selectors\.py"),
+)
+
+# Inclusive shares (a sample counts for every step on its stack): what each step of the
+# send path costs in all, pymongo and BSON below it included.
+STEPS = (
+    ("validation (Producer.validate)", r"\bvalidate \(mailer/producer\.py"),
+    ("document building (new_document, _entry)", r"new_document|_entry \(mailer/producer"),
+    ("insert (MailStore.insert*)", r"\binsert(_many|_one_mail)? \(mailer/store\.py"),
+    ("puts (Producer._put*)", r"_put(_many|_one)? \(mailer/producer\.py"),
+    ("receipts (record_jobs, record_job_ids)", r"record_jobs|record_job_ids"),
+    ("group commit (mailer/batching.py)", r"mailer/batching\.py"),
+    ("throughput meter", r"mailer/throughput\.py"),
 )
 
 
@@ -87,6 +101,21 @@ def breakdown(raw: Path) -> list[tuple[str, float]]:
     return [(name, c / n * 100) for name, c in totals.most_common()]
 
 
+def steps(raw: Path) -> list[tuple[str, float]]:
+    """Inclusive share of on-CPU samples per step of the send path (see ``STEPS``)."""
+    totals: collections.Counter[str] = collections.Counter()
+    n = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or "concurrent/futures/thread.py:81" in stack:
+            continue
+        n += int(count)
+        for name, pattern in STEPS:
+            if re.search(pattern, stack):
+                totals[name] += int(count)
+    return [(name, totals[name] / max(1, n) * 100) for name, _ in STEPS]
+
+
 async def profile(base: Settings, case: str, mails: int, spy: Spy, consumer_args: Sequence[str]) -> str:
     if case == "drain":
         d = await cases.drain_case(
@@ -100,34 +129,40 @@ async def profile(base: Settings, case: str, mails: int, spy: Spy, consumer_args
             consumer_args=consumer_args,
         )
         return f"drain {d.rate:,.0f} mails/s, consumer {d.consumer_cpu_us:,.0f} us CPU/mail"
-    mode: Mode = "send" if case == "send" else "send_many"
+    mode: Mode = "send_many" if case == "send_many" else "send"
+    tasks = 1 if case == "lone" else SEND_CONCURRENCY
     batch = [sample_mail("profile", i) for i in range(mails)]
     async with cases.scratch(base, "pp") as settings, Producer(settings) as producer:
-        await produce(producer, batch[:200], mode)  # warm-up: first connections, caches
+        await produce(producer, batch[:200], mode, concurrency=tasks)  # warm-up: connections, caches
         await spy.started([os.getpid()])
-        result = await produce(producer, batch[200:], mode)
+        result = await produce(producer, batch[200:], mode, concurrency=tasks)
         await spy.finished()
     rate = result.sent / (result.end - result.start)
-    return f"{mode} {rate:,.0f} mails/s (under py-spy)"
+    return f"{case} {rate:,.0f} mails/s (under py-spy)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument("case", choices=["send", "send_many", "drain"])
-    p.add_argument("--mails", type=int, default=None, help="default 5000 (send), 20000 (send_many), 10000")
+    p.add_argument("case", choices=["send", "lone", "send_many", "drain"])
+    p.add_argument(
+        "--mails", type=int, default=None, help="default 5000 (send, lone), 20000 (send_many), 10000"
+    )
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second (250)")
     p.add_argument("--out", type=Path, default=OUT, help=f"where <case>.raw goes ({OUT})")
     p.add_argument("--uvloop", action="store_true", help="drain: run the consumer with --uvloop")
     a = p.parse_args(argv)
     base = settings_or_exit(PROG).for_test()
     py_spy()
-    mails = a.mails or {"send": 5000, "send_many": 20000}.get(a.case, 10000)
+    mails = a.mails or {"send": 5000, "lone": 5000, "send_many": 20000}.get(a.case, 10000)
     a.out.mkdir(parents=True, exist_ok=True)
     raw = a.out / f"{a.case}.raw"
     spy = Spy(raw, a.rate)
     line = asyncio.run(profile(base, a.case, mails, spy, ["--uvloop"] if a.uvloop else []))
     print(line)
     for name, share in breakdown(raw):
+        print(f"{share:5.1f}%  {name}")
+    print("inclusive, by step of the send path:")
+    for name, share in steps(raw):
         print(f"{share:5.1f}%  {name}")
     print(f"collapsed stacks: {raw}")
     return 0

@@ -11,17 +11,27 @@ a ``config.toml`` that is theirs. Nothing else in the package reads the environm
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from types import MappingProxyType, NoneType
+from typing import Annotated, Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from mailer.errors import ConfigError
 
-DEFAULT_VENDOR_ORDER = ("amazon", "mailgun", "sendinblue", "sparkpost")
-KNOWN_VENDORS = (*DEFAULT_VENDOR_ORDER, "smtp")
 DEFAULT_CONFIG_FILE = "mailer.toml"
 SAMPLE_CONFIG_FILE = "mailer.sample.toml"
 ENVIRONMENTS = ("development", "test", "production")
@@ -99,9 +109,64 @@ class SimulationSettings(_Section):
 
     latency_ms: float = Field(0.0, ge=0)
     failure_rate: float = Field(0.0, ge=0, le=1)
+    # Send-rate limits of the stand-ins, e.g. {mailgun = 50}: a load test can then show a
+    # limit at work without real vendors. They win over the [vendors.NAME] sections' own.
+    max_per_second: dict[str, Annotated[float, Field(gt=0)]] = {}
+    # Stand-ins that throttle this share of their sends (e.g. {mailgun = 0.3}), answering
+    # with a Retry-After of throttle_retry_after_s (none when 0): the throttle path at work.
+    throttle_rate: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
+    throttle_retry_after_s: float = Field(1.0, ge=0)
+
+    @field_validator("max_per_second", "throttle_rate")
+    @classmethod
+    def _known_names(cls, limits: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(limits) - set(KNOWN_VENDORS))
+        if unknown:
+            raise ValueError(f"unknown vendor {', '.join(unknown)}; known: {', '.join(KNOWN_VENDORS)}")
+        return limits
 
 
-class AmazonSettings(_Section):
+class ApiSettings(_Section):
+    """``mailer-api``: where it listens, who may call it, and how much one request may carry."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8025, ge=1, le=65535)
+    # API keys, each the key itself or ``sha256:<64 hex>`` of it (so the file need not hold
+    # the key). Production refuses to start without one; without any, the API serves
+    # loopback only.
+    keys: list[SecretStr] = []
+    max_batch: int = Field(1000, ge=1, le=10000)
+    # A request body larger than this is refused (413) before it is read.
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # Retry-After (seconds) sent with a 503 when MongoDB is unavailable.
+    retry_after_s: int = Field(5, ge=1)
+
+    @field_validator("keys")
+    @classmethod
+    def _usable_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        # The messages name the position only: the value is a secret.
+        for i, key in enumerate(keys):
+            value = key.get_secret_value()
+            if value.startswith("sha256:"):
+                if not re.fullmatch(r"[0-9a-fA-F]{64}", value.removeprefix("sha256:")):
+                    raise ValueError(
+                        f"key [{i}]: after 'sha256:' give the 64 hex digits of the key's SHA-256"
+                    )
+            elif len(value) < 16 or not value.isprintable() or value != value.strip():
+                raise ValueError(
+                    f"key [{i}]: use at least 16 printable characters without surrounding spaces "
+                    "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+        return keys
+
+
+class _VendorSection(_Section):
+    # Sends per second through this vendor, held by all consumer processes together (may be
+    # fractional, e.g. 0.5); None: no limit of ours (the vendor's throttling still slows us).
+    max_per_second: float | None = Field(None, gt=0)
+
+
+class AmazonSettings(_VendorSection):
     region: str = "us-east-1"
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
@@ -111,26 +176,26 @@ class AmazonSettings(_Section):
     timeout_s: float = Field(10.0, gt=0)
 
 
-class MailgunSettings(_Section):
+class MailgunSettings(_VendorSection):
     domain: str
     api_key: SecretStr
     base_url: str = "https://api.mailgun.net"
     timeout_s: float = Field(10.0, gt=0)
 
 
-class SendinblueSettings(_Section):
+class SendinblueSettings(_VendorSection):
     api_key: SecretStr
     base_url: str = "https://api.brevo.com"
     timeout_s: float = Field(10.0, gt=0)
 
 
-class SparkpostSettings(_Section):
+class SparkpostSettings(_VendorSection):
     api_key: SecretStr
     base_url: str = "https://api.sparkpost.com"
     timeout_s: float = Field(10.0, gt=0)
 
 
-class SmtpSettings(_Section):
+class SmtpSettings(_VendorSection):
     host: str
     port: int = Field(587, ge=1, le=65535)
     username: str | None = None
@@ -140,18 +205,104 @@ class SmtpSettings(_Section):
     timeout_s: float = Field(10.0, gt=0)
 
 
+@dataclass(frozen=True, slots=True)
+class VendorRow:
+    """One vendor's row of the table, carried by its ``[vendors.NAME]`` field (see
+    :class:`VendorsSettings`); ``name`` and ``section`` are filled in from that field.
+
+    ``adapter`` is ``"module:Class"``, imported by :mod:`mailer.vendors` only when production
+    configures the vendor: a string, because config imports nothing of ours and a producer must
+    not load the vendors' SDKs. ``tests/vendors/test_registry_table.py`` checks every row's
+    class takes its section, which mypy cannot see through the string.
+    """
+
+    adapter: str
+    extra: str  # the pip extra that brings the SDK: pip install 'mailer[EXTRA]'
+    sdk_modules: tuple[str, ...]  # top-level modules of that SDK, to name the extra when missing
+    default_order: bool = True  # a simulated stand-in when no vendor is configured
+    name: str = ""
+    section: type[BaseModel] = BaseModel
+
+
+def _known_vendor(name: str) -> str:
+    if name not in VENDORS:
+        raise ValueError(f"unknown vendor {name!r}; known: {', '.join(VENDORS)}")
+    return name
+
+
+_HTTPX = ("httpx",)
+
+
 class VendorsSettings(_Section):
+    """The vendor table: each ``NAME: Annotated[Section | None, VendorRow(...)]`` field is one
+    vendor (its ``[vendors.NAME]`` section, adapter, extra and SDK); the names, the default
+    order and the factory (:func:`mailer.vendors.build_vendors`) all derive from these fields,
+    so adding a vendor is its adapter module, its section class and one field here."""
+
     # Round-robin order; empty means "the order of the vendor sections in the file",
-    # or the four defaults when none is configured.
-    order: list[Literal["amazon", "mailgun", "sendinblue", "sparkpost", "smtp"]] = []
-    amazon: AmazonSettings | None = None
-    mailgun: MailgunSettings | None = None
-    sendinblue: SendinblueSettings | None = None
-    sparkpost: SparkpostSettings | None = None
-    smtp: SmtpSettings | None = None
+    # or the default vendors when none is configured.
+    order: list[Annotated[str, AfterValidator(_known_vendor)]] = []
+    amazon: Annotated[
+        AmazonSettings | None,
+        VendorRow(
+            "mailer.vendors.amazon:AmazonVendor",
+            extra="ses",
+            sdk_modules=("aioboto3", "aiobotocore", "botocore", "boto3", "aiohttp"),
+        ),
+    ] = None
+    mailgun: Annotated[
+        MailgunSettings | None,
+        VendorRow("mailer.vendors.mailgun:MailgunVendor", extra="mailgun", sdk_modules=_HTTPX),
+    ] = None
+    sendinblue: Annotated[
+        SendinblueSettings | None,
+        VendorRow("mailer.vendors.sendinblue:SendinblueVendor", extra="sendinblue", sdk_modules=_HTTPX),
+    ] = None
+    sparkpost: Annotated[
+        SparkpostSettings | None,
+        VendorRow("mailer.vendors.sparkpost:SparkpostVendor", extra="sparkpost", sdk_modules=_HTTPX),
+    ] = None
+    # Not a default stand-in: a relay needs a host, so SMTP is used only when configured.
+    smtp: Annotated[
+        SmtpSettings | None,
+        VendorRow(
+            "mailer.vendors.smtp:SmtpVendor", extra="smtp", sdk_modules=("aiosmtplib",), default_order=False
+        ),
+    ] = None
+
+    def section(self, name: str) -> BaseModel | None:
+        """The ``[vendors.NAME]`` section, or None when it is not configured (or not a vendor)."""
+        if name not in VENDORS:
+            return None
+        section: object = getattr(self, name)
+        return section if isinstance(section, BaseModel) else None
 
     def configured(self) -> list[str]:
-        return [name for name in KNOWN_VENDORS if getattr(self, name) is not None]
+        return [name for name in VENDORS if self.section(name) is not None]
+
+    def rate_limits(self) -> dict[str, float]:
+        """``{name: max_per_second}`` of the configured vendors that have a limit."""
+        sections = {name: getattr(self, name) for name in self.configured()}
+        return {n: s.max_per_second for n, s in sections.items() if s.max_per_second is not None}
+
+
+def vendor_rows(model: type[VendorsSettings] = VendorsSettings) -> dict[str, VendorRow]:
+    """The table, read off the model's fields: each field with a VendorRow, in field order,
+    with its name and its section class (the field's type without None)."""
+    rows: dict[str, VendorRow] = {}
+    for name, info in model.model_fields.items():
+        for meta in info.metadata:
+            if isinstance(meta, VendorRow):
+                sections = [t for t in get_args(info.annotation) if isinstance(t, type) and t is not NoneType]
+                if len(sections) != 1 or not issubclass(sections[0], BaseModel):
+                    raise TypeError(f"vendors.{name}: declare it as 'SectionModel | None' with its VendorRow")
+                rows[name] = replace(meta, name=name, section=sections[0])
+    return rows
+
+
+VENDORS: Mapping[str, VendorRow] = MappingProxyType(vendor_rows())
+KNOWN_VENDORS = tuple(VENDORS)
+DEFAULT_VENDOR_ORDER = tuple(name for name, row in VENDORS.items() if row.default_order)
 
 
 class Settings(BaseSettings):
@@ -172,6 +323,7 @@ class Settings(BaseSettings):
     producer: ProducerSettings = ProducerSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     simulation: SimulationSettings = SimulationSettings()
+    api: ApiSettings = ApiSettings()
     vendors: VendorsSettings = VendorsSettings()
     # Where the values came from, for messages; not a key of the file.
     source: str = Field("built-in defaults", exclude=True)
@@ -213,6 +365,16 @@ class Settings(BaseSettings):
         from_file = [n for n in self.file_vendor_order if n in configured]
         rest = [n for n in self.vendors.configured() if n not in from_file]
         return from_file + rest or list(DEFAULT_VENDOR_ORDER)
+
+    def rate_limits(self) -> dict[str, float]:
+        """Send-rate limits by vendor name, for the vendors in the round-robin order. A
+        simulated stand-in keeps its section's limit, so a development run paces like
+        production; ``[simulation] max_per_second`` sets or overrides it there."""
+        limits = self.vendors.rate_limits()
+        if not self.production:
+            limits |= self.simulation.max_per_second
+        order = self.vendor_order()
+        return {name: limits[name] for name in order if name in limits}
 
     def for_test(self, suffix: str = "") -> Settings:
         """The same settings pointed at the test tube and collections (``--test``)."""

@@ -28,13 +28,15 @@ from pymongo.errors import PyMongoError
 
 from mailer.beanstalk import Beanstalk, Job
 from mailer.config import Settings, load_settings
-from mailer.delivery import Committer, Delivery, Ready, Settle
+from mailer.delivery import Action, Committer, Decision, Delivery, Ready
 from mailer.errors import BeanstalkError, MailerError, StoreUnavailable, TimedOut
+from mailer.jobs import OwnedJob
 from mailer.lifecycle import AsyncResource
+from mailer.ratelimit import RateLimiter
 from mailer.requeue import sweep
 from mailer.routing import Clock, VendorRegistry
 from mailer.stalls import StallWatch
-from mailer.store import MailStore, parse_mail_id
+from mailer.store import MailStore
 from mailer.throughput import ThroughputMeter
 from mailer.vendors import Vendor, build_vendors
 
@@ -42,11 +44,39 @@ log = logging.getLogger("mailer.consumer")
 
 
 @dataclass(slots=True)
-class _InFlight:
-    job: Job
-    queue: Beanstalk
-    started: float
-    touched: float
+class Prefetched:
+    """An owned job with what is known of it: its claim's outcome, and its send once begun."""
+
+    owned: OwnedJob
+    prepared: Decision | Ready | None = None
+    sending: asyncio.Future[Decision] | None = None
+
+
+class Prefetch:
+    """A reserve loop's one slot for the next job, reserved and claimed ahead."""
+
+    __slots__ = ("item",)
+
+    def __init__(self) -> None:
+        self.item: Prefetched | None = None
+
+    @property
+    def sending(self) -> asyncio.Future[Decision] | None:
+        return None if self.item is None else self.item.sending
+
+    def fill(self, item: Prefetched | None) -> None:
+        assert self.item is None, "the prefetch slot holds one job"
+        self.item = item
+
+    def take(self) -> Prefetched | None:
+        item, self.item = self.item, None
+        return item
+
+    def start(self, delivery: Delivery) -> None:
+        """Begin the prefetched mail's send now, if it is claimed and ready."""
+        item = self.item
+        if item is not None and item.sending is None and isinstance(item.prepared, Ready):
+            item.sending = asyncio.ensure_future(delivery.deliver(item.prepared))
 
 
 class Consumer(AsyncResource):
@@ -65,12 +95,16 @@ class Consumer(AsyncResource):
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.store = MailStore(settings)
         c = settings.consumer
+        # Send-rate limits are shared by every consumer process through MongoDB; they keep
+        # epoch time of their own (windows must line up across processes), not ``clock``.
+        self.limiter = RateLimiter(settings.rate_limits(), store=self.store)
         self.registry = VendorRegistry(
             list(vendors) if vendors is not None else build_vendors(settings),
             store=self.store,
             cooldown_s=c.vendor_cooldown_s,
             refresh_s=c.registry_refresh_s,
             clock=clock,
+            limiter=self.limiter,
         )
         self.committer = Committer(self.store, batch=c.commit_batch)
         self.stalls = StallWatch()
@@ -82,13 +116,18 @@ class Consumer(AsyncResource):
             consumer_id=self.consumer_id,
             clock=clock,
             stalls=self.stalls,
+            limiter=self.limiter,
         )
         self.meter = ThroughputMeter("Consumer", settings.throughput_interval_s)
         self.processed = 0
         self._stopping = asyncio.Event()
-        self._inflight: dict[int, _InFlight] = {}  # by job id
+        self._inflight: dict[int, OwnedJob] = {}  # every job a loop owns now, by job id
         self._failures: dict[int, int] = {}  # consecutive beanstalkd errors, by loop
-        self._detached: set[asyncio.Future[Settle]] = set()  # sends whose loop hit an error
+        self._detached: set[asyncio.Future[Decision]] = set()  # sends whose loop hit an error
+        # Mails waiting for a send-rate token, finished by a task each so that their loops
+        # go on with other vendors' mails meanwhile (bounded: past it, loops wait with them).
+        self._parked: dict[asyncio.Task[None], Prefetched] = {}
+        self.max_parked = 10_000  # a safety bound: delivery already bounds the waiting per vendor
         self._loops: list[asyncio.Task[None]] = []
         self._queues: list[Beanstalk] = []
         self._background: list[asyncio.Task[None]] = []
@@ -122,6 +161,7 @@ class Consumer(AsyncResource):
                 pause = min(30.0, pause * 2)
         if waited:
             log.warning("MongoDB is reachable again; starting")
+        await self.limiter.start()
         await self.registry.start()
 
     async def close(self) -> None:
@@ -158,9 +198,11 @@ class Consumer(AsyncResource):
             self._background.append(loop.create_task(self._sweep_loop()))
         self._loops = [loop.create_task(self._reserve_loop(i)) for i in range(self.concurrency)]
         await self._stopping.wait()
+        await self._unpark_waiting()
         grace = self.settings.consumer.grace_s
         log.info("stopping: no new jobs; waiting up to %.0f s for %d in flight", grace, len(self._inflight))
-        done, pending = await asyncio.wait(self._loops, timeout=grace) if self._loops else (set(), set())
+        tasks = [*self._loops, *self._parked]
+        done, pending = await asyncio.wait(tasks, timeout=grace) if tasks else (set(), set())
         if pending and self.delivery.sending():
             done, pending = await self._await_sends(done, pending)
         if pending:
@@ -211,14 +253,13 @@ class Consumer(AsyncResource):
             await wait(self.settings.mongodb.timeout_ms / 1000)  # their records and settles
         return done, pending
 
-    async def _hand_back(self, unfinished: list[_InFlight]) -> None:
-        for item in unfinished:
+    async def _hand_back(self, unfinished: list[OwnedJob]) -> None:
+        for owned in unfinished:
             try:
-                priority = await self.delivery.hand_back(item.job)
-                await item.queue.release(item.job.id, priority=priority)
+                await owned.hand_back()
             except (MailerError, PyMongoError, OSError) as exc:
                 # Closing the connection releases the job anyway; the claim runs out with TTR.
-                log.warning("could not hand back job %s cleanly: %s", item.job.id, exc)
+                log.warning("could not hand back job %s cleanly: %s", owned.id, exc)
 
     # --- the loops ---------------------------------------------------------------------
 
@@ -240,11 +281,15 @@ class Consumer(AsyncResource):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    def _track(self, job: Job, queue: Beanstalk) -> None:
-        now = time.monotonic()
-        self._inflight[job.id] = _InFlight(job, queue, now, now)
+    def _own(self, job: Job, queue: Beanstalk) -> OwnedJob:
+        owned = OwnedJob(job, queue, self.delivery)
+        self._inflight[job.id] = owned
+        return owned
 
-    async def _reserve(self, queue: Beanstalk, index: int) -> Job | None:
+    def _release_ownership(self, owned: OwnedJob) -> None:
+        self._inflight.pop(owned.id, None)
+
+    async def _reserve(self, queue: Beanstalk, index: int) -> OwnedJob | None:
         """The next job, or None after a timeout or a (logged, backed-off) connection error."""
         try:
             if not queue.connected:
@@ -271,8 +316,7 @@ class Consumer(AsyncResource):
             return None
         self._failures[index] = 0
         self._reachable()
-        self._track(job, queue)
-        return job
+        return self._own(job, queue)
 
     def _reachable(self) -> None:
         if self._outage is not None:
@@ -281,138 +325,186 @@ class Consumer(AsyncResource):
             log.warning("beanstalkd at %s:%d is reachable again", b.host, b.port)
         self._failures.clear()
 
-    async def _prefetch(self, queue: Beanstalk) -> tuple[Job, Settle | Ready] | None:
+    async def _prefetch(self, queue: Beanstalk) -> Prefetched | None:
         """While a mail is with its vendor, reserve and claim the next one if it is ready
         now: the claim's round trips then overlap the send instead of following it."""
         try:
             job = await queue.reserve(0)
         except BeanstalkError:  # none ready (TIMED_OUT), or the connection: the main path sees it
             return None
-        self._track(job, queue)
+        owned = self._own(job, queue)
         try:
-            return job, await self.delivery.prepare(job, queue)
+            return Prefetched(owned, await owned.prepare())
         except (PyMongoError, MailerError, OSError) as exc:
-            self._inflight.pop(job.id, None)
+            self._release_ownership(owned)
             self._warn_settle(f"job {job.id} not claimed ({type(exc).__name__}: {exc}); released")
-            self.delivery.claimer.forget(job)
+            owned.drop()
             with contextlib.suppress(MailerError, OSError):
-                await queue.release(job.id, priority=self.settings.producer.default_priority, delay=1)
+                await queue.release(job.id, priority=owned.priority, delay=1)
             return None
         except Exception:
-            self._inflight.pop(job.id, None)
-            await self._bury_unexpected(queue, job)
+            self._release_ownership(owned)
+            await self._bury_unexpected(owned)
             return None
 
-    async def _bury_unexpected(self, queue: Beanstalk, job: Job) -> None:
+    async def _bury_unexpected(self, owned: OwnedJob) -> None:
         """A bug, or data no check foresaw: released, the job would come straight back and
         fail again forever. Bury it; 'mailer kick' returns it once fixed."""
-        log.exception("unexpected error on job %s; burying it", job.id)
+        log.exception("unexpected error on job %s; burying it", owned.id)
         try:
-            await queue.bury(job.id)
+            await owned.finish(Decision(Action.BURY, reason="unexpected error", priority=owned.priority))
         except (MailerError, OSError):
-            await queue.close()
+            owned.drop()
+            await owned.queue.close()
 
     async def _reserve_loop(self, index: int) -> None:
-        """Reserve, claim, send, record, settle; one send at a time per loop, but the next
-        mail is reserved and claimed while the current one is with its vendor, and its send
-        starts while the current one's record is being written."""
+        """Reserve -> deliver -> finish, one send at a time per loop, with a one-slot
+        :class:`Prefetch`: the next job is reserved and claimed while the current mail is with
+        its vendor, and its send starts while the current one's record is being written."""
         queue = self._new_queue()
         self._queues.append(queue)
-        ahead: tuple[Job, Settle | Ready] | None = None
-        started: asyncio.Future[Settle] | None = None  # ahead's send, already begun
-        while not self.stopping or started is not None:
-            prepared: Settle | Ready | None = None
-            sending, started = started, None
-            if ahead is not None:
-                (job, prepared), ahead = ahead, None
-            else:
-                reserved = await self._reserve(queue, index)
-                if reserved is None:
+        ahead = Prefetch()
+        while not self.stopping or ahead.sending is not None:
+            current = ahead.take()
+            if current is None:
+                owned = await self._reserve(queue, index)
+                if owned is None:
                     continue
-                job = reserved
+                current = Prefetched(owned)
+            decision: Decision | None = None
             try:
-                if sending is None:
-                    if prepared is None:
-                        prepared = await self.delivery.prepare(job, queue)
-                    if isinstance(prepared, Ready):
-                        sending = asyncio.ensure_future(self.delivery.deliver(prepared))
-                if sending is not None:
-                    try:
-                        if not self.stopping:
-                            ahead = await self._prefetch(queue)
-                    except asyncio.CancelledError:
-                        sending.cancel()
-                        raise
-                    settle = await sending
-                else:
-                    assert isinstance(prepared, Settle)
-                    settle = prepared
-                if (
-                    settle.recording is not None
-                    and ahead is not None
-                    and isinstance(ahead[1], Ready)
-                    and not self.stopping
-                ):
-                    started = asyncio.ensure_future(self.delivery.deliver(ahead[1]))
-                await self.delivery.settle(job, queue, settle)
+                decision = await self._deliver(current, queue, ahead)
+                if decision is None:  # waits for a send-rate token: its own task finishes it
+                    continue
+                if decision.recording is not None and not self.stopping:
+                    ahead.start(self.delivery)  # the next send overlaps this record
+                await current.owned.finish(decision)
                 self.processed += 1
                 self.meter.add()
             except (PyMongoError, MailerError, OSError) as exc:
                 # MongoDB away, or the job vanished: leave the jobs to beanstalkd (the closed
-                # connection releases them; a live claim makes them wait out its lease)
-                # rather than guess; nothing is deleted unrecorded.
-                self._warn_settle(f"job {job.id} not settled ({type(exc).__name__}: {exc}); pausing")
-                if started is not None and ahead is not None:
-                    # Already with its vendor: it finishes and records itself; its job comes
-                    # back (the connection closes) and then finds the mail finished.
-                    detached_job = ahead[0]
-                    self._inflight.pop(detached_job.id, None)
-                    self._detached.add(started)
-                    started.add_done_callback(self._detached.discard)
-                    started.add_done_callback(functools.partial(self._forget, detached_job))
-                    started = None
-                elif ahead is not None:
-                    await self._drop_claim(*ahead)
-                ahead = None
-                self.delivery.claimer.forget(job)  # its claim is left to run out (or be ours again)
+                # connection releases them; a live claim makes them wait out its lease, or
+                # this consumer takes its own back) rather than guess; nothing is deleted
+                # unrecorded.
+                self._warn_settle(
+                    f"job {current.owned.id} not settled ({type(exc).__name__}: {exc}); pausing"
+                )
+                current.owned.drop()
+                await self._drop_ahead(ahead)
                 await queue.close()
                 await self._pause(1.0)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                self.delivery.claimer.forget(job)
-                await self._bury_unexpected(queue, job)
+                await self._bury_unexpected(current.owned)
                 await self._pause(1.0)
             finally:
-                self._inflight.pop(job.id, None)
-        if ahead is not None:
-            await self._put_back(queue, *ahead)
+                if decision is not None:  # (a parked job stays owned, and touched, till its task ends)
+                    self._release_ownership(current.owned)
+        await self._put_back(ahead)
         await queue.close()
 
-    def _forget(self, job: Job, _: object = None) -> None:
-        self.delivery.claimer.forget(job)
-
-    async def _drop_claim(self, job: Job, prepared: Settle | Ready) -> None:
-        """Give up a prefetched job after a failure: its mail goes back to ``queued`` (so the
-        requeue sweep finds it at once if beanstalkd lost the job); the job itself is
-        released when its connection closes."""
-        self._inflight.pop(job.id, None)
+    async def _deliver(self, current: Prefetched, queue: Beanstalk, ahead: Prefetch) -> Decision | None:
+        """The current job's decision; its send (begun already, or begun here) overlaps the
+        prefetch of the next job. None when the send waits for a send-rate token and was
+        parked: a task of its own finishes it, and the loop goes on."""
+        if current.sending is None:
+            if current.prepared is None:
+                current.prepared = await current.owned.prepare()
+            if isinstance(current.prepared, Ready):
+                current.sending = asyncio.ensure_future(self.delivery.deliver(current.prepared))
+        if current.sending is None:
+            assert isinstance(current.prepared, Decision)
+            return current.prepared
         try:
-            await self.delivery.hand_back(job)
-        except PyMongoError as exc:  # the lease runs out with the TTR instead
-            log.warning("could not release the claim of job %s: %s", job.id, type(exc).__name__)
+            if not self.stopping:
+                ahead.fill(await self._prefetch(queue))
+            if isinstance(current.prepared, Ready) and len(self._parked) < self.max_parked:
+                waiting: asyncio.Future[Any] = asyncio.ensure_future(current.prepared.waiting.wait())
+                sending: asyncio.Future[Any] = current.sending
+                try:
+                    await asyncio.wait({sending, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiting.cancel()
+                if not current.sending.done():
+                    self._park(current)
+                    return None
+        except asyncio.CancelledError:
+            current.sending.cancel()
+            raise
+        return await current.sending
 
-    async def _put_back(self, queue: Beanstalk, job: Job, prepared: Settle | Ready) -> None:
-        """On stop, a prefetched job: settle it if that needs no send, else hand it back."""
+    def _park(self, item: Prefetched) -> None:
+        task = asyncio.get_running_loop().create_task(self._finish_parked(item))
+        self._parked[task] = item
+        task.add_done_callback(self._unpark)
+
+    def _unpark(self, task: asyncio.Task[None]) -> None:
+        self._parked.pop(task, None)
+
+    async def _finish_parked(self, item: Prefetched) -> None:
+        """A parked mail: its send, then its job's fate, as its loop would have done."""
+        assert item.sending is not None
         try:
-            if isinstance(prepared, Ready):
-                await self._hand_back([self._inflight[job.id]])
-            else:
-                await self.delivery.settle(job, queue, prepared)
-        except (MailerError, PyMongoError, OSError) as exc:
-            log.warning("could not put back job %s: %s", job.id, exc)
+            decision = await item.sending
+            await item.owned.finish(decision)
+            self.processed += 1
+            self.meter.add()
+        except (PyMongoError, MailerError, OSError) as exc:
+            # Its job stays reserved until its TTR runs out (no touch: it is no longer in
+            # flight), then comes back; its claim is this consumer's to take back.
+            self._warn_settle(f"job {item.owned.id} not settled ({type(exc).__name__}: {exc})")
+            item.owned.drop()
+        except Exception:
+            await self._bury_unexpected(item.owned)
         finally:
-            self._inflight.pop(job.id, None)
+            self._release_ownership(item.owned)
+
+    async def _unpark_waiting(self) -> None:
+        """On stop: a parked mail still waiting for its token is handed back unsent."""
+        waiting = [(t, item) for t, item in self._parked.items() if not item.owned.at_vendor()]
+        for task, _ in waiting:
+            task.cancel()
+        if waiting:
+            await asyncio.gather(*(t for t, _ in waiting), return_exceptions=True)
+            await self._hand_back([item.owned for _, item in waiting])
+
+    async def _drop_ahead(self, ahead: Prefetch) -> None:
+        """After a failure on the loop's connection: a prefetched job whose send already
+        began finishes and records itself (its job comes back when the connection closes and
+        finds the mail finished); one not yet sent gives its claim back."""
+        item = ahead.take()
+        if item is None:
+            return
+        self._release_ownership(item.owned)
+        if item.sending is not None:
+            self._detached.add(item.sending)
+            item.sending.add_done_callback(self._detached.discard)
+            item.sending.add_done_callback(functools.partial(self._drop_when_done, item.owned))
+            return
+        try:
+            await self.delivery.hand_back(item.owned.job)
+        except PyMongoError as exc:  # the lease runs out with the TTR instead
+            log.warning("could not release the claim of job %s: %s", item.owned.id, type(exc).__name__)
+
+    @staticmethod
+    def _drop_when_done(owned: OwnedJob, _: object = None) -> None:
+        owned.drop()
+
+    async def _put_back(self, ahead: Prefetch) -> None:
+        """On stop, a prefetched job: finish it if that needs no send, else hand it back."""
+        item = ahead.take()
+        if item is None:
+            return
+        try:
+            if isinstance(item.prepared, Decision):
+                await item.owned.finish(item.prepared)
+            else:
+                await item.owned.hand_back()
+        except (MailerError, PyMongoError, OSError) as exc:
+            log.warning("could not put back job %s: %s", item.owned.id, exc)
+        finally:
+            self._release_ownership(item.owned)
 
     async def _sweep_loop(self) -> None:
         """The reconciler, run every ``requeue_interval_s`` (first soon after start, so a
@@ -458,14 +550,14 @@ class Consumer(AsyncResource):
         while True:
             await asyncio.sleep(every / 2)
             now = time.monotonic()
-            due = [(i, item) for i, item in self._inflight.items() if now - item.touched >= every]
+            due = [owned for owned in self._inflight.values() if now - owned.touched >= every]
             if not due:
                 continue
-            for index, item in due:
-                item.touched = now
-                self._spawn(self._touch(index, item))
+            for owned in due:
+                owned.touched = now
+                self._spawn(self._touch(owned))
             if lease_task is None or lease_task.done():
-                oids = [oid for _, item in due if (oid := parse_mail_id(item.job.body)) is not None]
+                oids = [owned.oid for owned in due if owned.oid is not None]
                 if oids:
                     lease_task = self._spawn(self._extend_leases(oids, ttr))
 
@@ -475,12 +567,12 @@ class Consumer(AsyncResource):
         task.add_done_callback(self._extending.discard)
         return task
 
-    async def _touch(self, index: int, item: _InFlight) -> None:
+    async def _touch(self, owned: OwnedJob) -> None:
         try:
-            await item.queue.touch(item.job.id)
+            await owned.touch()
         except (MailerError, OSError) as exc:
-            if self._inflight.get(index) is item:  # not merely finished meanwhile
-                log.warning("could not touch job %s: %s", item.job.id, exc)
+            if self._inflight.get(owned.id) is owned:  # not merely finished meanwhile
+                log.warning("could not touch job %s: %s", owned.id, exc)
 
     async def _extend_leases(self, oids: list[ObjectId], ttr: float) -> None:
         try:
@@ -495,7 +587,7 @@ class Consumer(AsyncResource):
 def _parser() -> argparse.ArgumentParser:
     # The shared edge helpers live in mailer.cli (imported here, not at the top, so that
     # importing the Consumer class does not load the operations CLI).
-    from mailer.cli import CommandParser, add_version, count
+    from mailer.cmdline import CommandParser, add_version, count
 
     p = CommandParser(
         prog="mailer-consumer",
@@ -576,7 +668,7 @@ async def _serve(settings: Settings, concurrency: int | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mailer.cli import parse_args, run_guarded
+    from mailer.cmdline import parse_args, run_guarded
     from mailer.logs import setup_logging
 
     args = parse_args(_parser(), argv)

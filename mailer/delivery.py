@@ -1,8 +1,9 @@
-"""Handling one job end to end: claim, route, send, record, then settle the job.
+"""Delivering the mail behind one job: claim, route, send, record, and decide the job's fate.
 
-The order is what keeps mails safe: the MongoDB record is written (and acknowledged)
-*before* the job is deleted, released or buried, so a crash between the two never loses a
-record; at worst the job comes back and the claim sees a finished mail and sends nothing.
+Delivery decides; it never touches beanstalkd. It returns a :class:`Decision` (delete,
+release at T, bury) that the job's owner (:class:`mailer.jobs.OwnedJob`) carries out, and
+only once the decision's record is acknowledged by MongoDB: a crash between the two never
+loses a record; at worst the job comes back and the claim sees a finished mail.
 
 A send happens only under a claim that still stands: before a failover send, and before
 the first send of a claim that is old or that lived through a stall of this process, the
@@ -13,12 +14,13 @@ sends nothing more.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from bson import ObjectId
@@ -26,23 +28,26 @@ from pydantic import ValidationError
 from pymongo.errors import PyMongoError
 
 from mailer.batching import Batcher
-from mailer.beanstalk import Beanstalk, Job
+from mailer.beanstalk import Job
+from mailer.claims import Claimer, ClaimState, Held
 from mailer.config import Settings
 from mailer.errors import (
-    BeanstalkError,
-    NotFound,
     PermanentVendorError,
     StoreError,
     TransientVendorError,
     UnsupportedByVendor,
     VendorAuthError,
+    VendorThrottled,
 )
 from mailer.models import Attempt, Email, Outcome, Status
+from mailer.ratelimit import RateLimiter
 from mailer.routing import VendorRegistry
 from mailer.stalls import StallWatch
-from mailer.store import Claim, ClaimState, Doc, Finish, MailStore, attempt_doc, parse_mail_id
+from mailer.store import Doc, Finish, MailStore, attempt_doc, parse_mail_id
 
 log = logging.getLogger("mailer.delivery")
+# Seconds of sends (at a vendor's rate) that may wait in one process for its rate-limit tokens.
+PACE_WAIT_S = 10.0
 Clock = Callable[[], float]
 
 
@@ -50,10 +55,15 @@ class Action(Enum):
     DELETE = "delete"
     RELEASE = "release"
     BURY = "bury"
+    # Delete as a twin, unless this very job was reserved before (then it is the mail's only
+    # job, back while its claim is still leased): release it with the delay instead.
+    TWIN = "twin"
 
 
 @dataclass(frozen=True, slots=True)
-class Settle:
+class Decision:
+    """What becomes of a job once its record (if any) is written."""
+
     action: Action
     delay: int = 0
     reason: str = ""
@@ -61,20 +71,6 @@ class Settle:
     # A sent mail's record, still being written: the job is settled only once it is done,
     # but the loop may start its next send meanwhile.
     recording: asyncio.Future[None] | None = None
-
-
-@dataclass(slots=True)
-class Held:
-    """A claim this process holds, from the claim until its job is settled or handed back."""
-
-    oid: ObjectId
-    job_id: int
-    token: str  # the claim's own token: records and fences match on it
-    priority: int
-    claimed_at: float  # monotonic; renewed by a fence
-    sending_since: float | None = None  # monotonic, while a vendor has the request
-    # The round's attempts with an ``unknown`` one for a send cut off at shutdown.
-    interrupted: list[Doc] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +82,8 @@ class Ready:
     doc: Doc
     email: Email
     held: Held
+    # Set when the send waits for a rate-limit token: its loop need not wait with it.
+    waiting: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Committer:
@@ -111,64 +109,6 @@ class Committer:
         await self._batcher.close(within=self.store.settings.mongodb.timeout_ms / 1000 + 5)
 
 
-class Claimer:
-    """Claims for many loops in one ``update_many`` + ``find`` (see ``MailStore.claim_many``),
-    and the claims this process holds.
-
-    One ``find_one_and_update`` per mail costs the client and nx-27017 several times more
-    CPU than a shared claim of the jobs reserved meanwhile. ``held`` is filled the moment a
-    batch's answer arrives, before any caller runs on, so a twin job of a mail another loop
-    just won is never mistaken for an abandoned claim of ours.
-    """
-
-    def __init__(
-        self,
-        store: MailStore,
-        *,
-        consumer_id: str,
-        lease_s: float,
-        default_priority: int,
-        batch: int = 200,
-        clock: Clock = time.time,
-        monotonic: Clock = time.monotonic,
-    ) -> None:
-        self.store = store
-        self.consumer_id = consumer_id
-        self.lease_s = lease_s
-        self.default_priority = default_priority
-        self.clock = clock
-        self.monotonic = monotonic
-        self.held: dict[ObjectId, Held] = {}
-        self._batcher: Batcher[tuple[ObjectId, int], Claim] = Batcher(self._write, max_batch=batch)
-
-    async def _write(self, requests: list[tuple[ObjectId, int]]) -> list[Claim]:
-        now, me, lease, held = self.clock(), self.consumer_id, self.lease_s, self.held
-        if len(requests) == 1:  # one round trip instead of two when the load is light
-            oid, job_id = requests[0]
-            claims = [
-                await self.store.claim(oid, job_id=job_id, consumer=me, lease_s=lease, now=now, active=held)
-            ]
-        else:
-            claims = await self.store.claim_many(requests, consumer=me, lease_s=lease, now=now, active=held)
-        for (oid, job_id), claim in zip(requests, claims, strict=True):
-            if claim.state is ClaimState.CLAIMED and claim.doc is not None:
-                priority = int(claim.doc.get("priority", self.default_priority))
-                self.held[oid] = Held(oid, job_id, str(claim.doc.get("claim")), priority, self.monotonic())
-        return claims
-
-    async def claim(self, oid: ObjectId, job_id: int) -> Claim:
-        return await self._batcher.submit((oid, job_id))
-
-    def forget(self, job: Job) -> Held | None:
-        """The job is settled or handed back: its claim (if this job held one) is no longer ours."""
-        oid = parse_mail_id(job.body)
-        held = None if oid is None else self.held.get(oid)
-        if held is None or held.job_id != job.id:
-            return None
-        del self.held[held.oid]
-        return held
-
-
 def backoff_delay(rounds: int, base: float, cap: float, jitter: float = 0.0) -> float:
     """Exponential back-off: base, 2*base, 4*base, ... capped; ``jitter`` in [0, 1) shortens
     it by up to that fraction, so the mails of one outage do not all come back at once."""
@@ -190,6 +130,7 @@ class Delivery:
         clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
         stalls: StallWatch | None = None,
+        limiter: RateLimiter | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.settings = settings
@@ -200,6 +141,9 @@ class Delivery:
         self.clock = clock
         self.monotonic = monotonic
         self.stalls = stalls
+        self.limiter = limiter
+        self._pace_waiting: collections.Counter[str] = collections.Counter()
+        self._pace_turn: dict[str, float] = {}  # monotonic time of the last put-off mail's turn
         self.rand = rand
         self.lease_s = float(settings.beanstalkd.ttr_s)
         self.default_priority = settings.producer.default_priority
@@ -212,7 +156,6 @@ class Delivery:
             clock=clock,
             monotonic=monotonic,
         )
-        self.on_settled: Callable[[Settle], None] | None = None
         self._unclaimed_since: float | None = None  # claims have not been taking since then
         self._last_warning = -1e9
 
@@ -223,33 +166,6 @@ class Delivery:
     def sending(self) -> int:
         """How many mails are with a vendor right now (a graceful stop waits for them)."""
         return sum(1 for h in self.held.values() if h.sending_since is not None)
-
-    async def handle(self, job: Job, queue: Beanstalk) -> Settle:
-        """Process one reserved job and settle it on ``queue`` (the reserving connection)."""
-        prepared = await self.prepare(job, queue)
-        settle = await self.deliver(prepared) if isinstance(prepared, Ready) else prepared
-        await self.settle(job, queue, settle)
-        return settle
-
-    async def settle(self, job: Job, queue: Beanstalk, settle: Settle) -> None:
-        """Delete, release or bury the job: only after its record was acknowledged."""
-        if settle.recording is not None:
-            await asyncio.shield(settle.recording)
-        try:
-            if settle.action is Action.DELETE:
-                await queue.delete(job.id)
-            elif settle.action is Action.RELEASE:
-                await queue.release(job.id, priority=settle.priority, delay=settle.delay)
-            else:
-                await queue.bury(job.id, priority=settle.priority)
-        except NotFound:
-            # Its TTR ran out (this process stood still): beanstalkd gave it to another
-            # consumer, whose claim decides. Nothing of ours to settle.
-            log.info("job %s is no longer reserved by this consumer; leaving it to its new owner", job.id)
-        finally:
-            self.claimer.forget(job)
-        if self.on_settled is not None:
-            self.on_settled(settle)
 
     async def hand_back(self, job: Job) -> int:
         """Give back a job that will not be finished here (shutdown, an error in its loop):
@@ -270,16 +186,20 @@ class Delivery:
             await self.store.release_claim(held.oid, token=held.token)
         return held.priority
 
-    async def deliver(self, ready: Ready) -> Settle:
+    async def deliver(self, ready: Ready) -> Decision:
         """Send a claimed mail (failing over between vendors) and record the outcome."""
         return await self._deliver(ready)
 
-    async def prepare(self, job: Job, queue: Beanstalk) -> Settle | Ready:
+    def forget(self, job: Job) -> None:
+        """The job was settled, or left to beanstalkd: its claim is no longer this process's."""
+        self.claimer.forget(job)
+
+    async def prepare(self, job: Job) -> Decision | Ready:
         """Claim the job's mail: a :class:`Ready` to deliver, or how to settle the job at once."""
         oid = parse_mail_id(job.body)
         if oid is None:
             log.error("job %s: body %r is not a mail id; burying it", job.id, job.body[:60])
-            return Settle(Action.BURY, reason="not a mail id", priority=self.default_priority)
+            return Decision(Action.BURY, reason="not a mail id", priority=self.default_priority)
         try:
             claim = await self.claimer.claim(oid, job.id)
         except PyMongoError as exc:
@@ -293,12 +213,12 @@ class Delivery:
             raise claim.error
         if claim.state is ClaimState.MISSING:
             log.error("job %s: no stored mail %s; burying it", job.id, oid)
-            return Settle(Action.BURY, reason="no such mail", priority=priority)
+            return Decision(Action.BURY, reason="no such mail", priority=priority)
         if claim.state is ClaimState.DONE:
             log.info(
                 "job %s: mail %s is already %s; deleting the redelivered job", job.id, oid, doc["status"]
             )
-            return Settle(Action.DELETE, reason="already finished", priority=priority)
+            return Decision(Action.DELETE, reason="already finished", priority=priority)
         if claim.state is ClaimState.CORRUPT:
             log.error(
                 "job %s: mail %s has status %r, which mailer never writes; burying it",
@@ -306,11 +226,11 @@ class Delivery:
                 oid,
                 doc.get("status"),
             )
-            return Settle(Action.BURY, reason="corrupted status", priority=priority)
+            return Decision(Action.BURY, reason="corrupted status", priority=priority)
         if claim.state is ClaimState.UNCLAIMED:
             return self._put_off(job, oid, priority, "is MongoDB applying writes? a full disk does this")
         if claim.state is ClaimState.BUSY:
-            return await self._busy(job, queue, oid, doc, priority)
+            return self._busy(job, oid, doc, priority)
         self._unclaimed_since = None
         held = self.held[oid]
         try:
@@ -321,10 +241,10 @@ class Delivery:
             await self._commit(
                 job, held, Finish(str(oid), Status.FAILED, list(doc.get("attempts") or []), error=error)
             )
-            return Settle(Action.BURY, reason="corrupted", priority=priority)
+            return Decision(Action.BURY, reason="corrupted", priority=priority)
         return Ready(job, oid, doc, email, held)
 
-    def _put_off(self, job: Job, oid: ObjectId, priority: int, why: str) -> Settle:
+    def _put_off(self, job: Job, oid: ObjectId, priority: int, why: str) -> Decision:
         """The mail is claimable but its claim did not take: MongoDB is not applying writes
         (a full disk, an outage), or others keep winning it. Its job may be its only job:
         keep it, and try again later, the later the longer claims have been failing."""
@@ -341,29 +261,51 @@ class Delivery:
                 why,
                 delay,
             )
-        return Settle(Action.RELEASE, delay=delay, reason="claim did not take", priority=priority)
+        return Decision(Action.RELEASE, delay=delay, reason="claim did not take", priority=priority)
 
-    async def _busy(self, job: Job, queue: Beanstalk, oid: ObjectId, doc: Doc, priority: int) -> Settle:
+    def _busy(self, job: Job, oid: ObjectId, doc: Doc, priority: int) -> Decision:
         """The mail is claimed under a live lease. A twin job (the requeue sweep's, or a
         producer's retried put) is deleted: the lease holder finishes the mail. But if this
         very job was reserved before, its consumer died or lost beanstalkd (a dead
         connection's jobs are ready again at once): it is the mail's only job, so it waits
-        out the lease, then finds the mail finished or takes the expired claim over."""
+        out the lease, then finds the mail finished or takes the expired claim over. Whether
+        it was reserved before only its owner can ask beanstalkd (``Action.TWIN``)."""
         mine = self.held.get(oid)
-        returning = doc.get("job_id") == job.id or (mine is not None and mine.job_id == job.id)
-        if not returning and mine is None:
-            try:
-                returning = int((await queue.stats_job(job.id)).get("reserves", 1)) > 1
-            except BeanstalkError:
-                returning = True  # unsure: keeping a job is harmless, dropping one is not
-        if returning:
-            wait = max(1, int(float(doc.get("lease_until", 0.0)) - self.clock() + 1.999))
+        wait = max(1, int(float(doc.get("lease_until", 0.0)) - self.clock() + 1.999))
+        if doc.get("job_id") == job.id or (mine is not None and mine.job_id == job.id):
             log.info("job %s: mail %s is still leased; trying again in %d s", job.id, oid, wait)
-            return Settle(Action.RELEASE, delay=wait, reason="leased", priority=priority)
-        log.info("job %s: mail %s is being delivered under another job; deleting this twin", job.id, oid)
-        return Settle(Action.DELETE, reason="twin", priority=priority)
+            return Decision(Action.RELEASE, delay=wait, reason="leased", priority=priority)
+        if mine is not None:  # another of our loops delivers it under another job
+            return Decision(Action.DELETE, reason="twin", priority=priority)
+        return Decision(Action.TWIN, delay=wait, reason="twin", priority=priority)
 
     # --- the send ----------------------------------------------------------------------
+
+    async def _paced(self, ready: Ready, vendor: str) -> bool | float:
+        """A send-rate token for ``vendor``: True at once when this process holds one, else
+        after a bounded wait (its loop is told, so it can go on meanwhile), False if none
+        came. When enough mails already wait here (``PACE_WAIT_S`` of sends), the seconds
+        after which this one's turn would come instead: its job is put off until then, so
+        waiting mails never hold every loop and the other vendors run at full speed."""
+        if self.limiter is None or self.limiter.try_acquire(vendor):
+            return True
+        rate = self.limiter.rate(vendor) or 1.0
+        room = max(4, int(rate * PACE_WAIT_S))
+        if self._pace_waiting[vendor] >= room:
+            now = self.monotonic()
+            # Spread the put-off mails over the turns after the waiting room's (bounded, so
+            # mails that come back early and are put off again do not push it ever later).
+            turn = min(
+                max(now + room / rate, self._pace_turn.get(vendor, 0.0)) + 1 / rate, now + 3 * room / rate
+            )
+            self._pace_turn[vendor] = turn
+            return turn - now
+        self._pace_waiting[vendor] += 1
+        ready.waiting.set()
+        try:
+            return await self.limiter.acquire(vendor)
+        finally:
+            self._pace_waiting[vendor] -= 1
 
     def _stalled(self, since: float) -> float:
         return 0.0 if self.stalls is None else self.stalls.stalled_between(since)
@@ -386,7 +328,7 @@ class Delivery:
             held.claimed_at = now
         return ok
 
-    def _abandon(self, ready: Ready, attempts: list[Doc]) -> Settle:
+    def _abandon(self, ready: Ready, attempts: list[Doc]) -> Decision:
         tried = ", ".join(
             f"{a['vendor']}: {a['outcome']}" for a in attempts[len(ready.doc.get("attempts") or []) :]
         )
@@ -396,17 +338,25 @@ class Delivery:
             ready.oid,
             f" (this round: {tried})" if tried else "",
         )
-        return Settle(Action.RELEASE, delay=1, reason="claim lost", priority=ready.held.priority)
+        return Decision(Action.RELEASE, delay=1, reason="claim lost", priority=ready.held.priority)
 
-    async def _deliver(self, ready: Ready) -> Settle:
+    async def _deliver(self, ready: Ready) -> Decision:
         job, oid, doc, email, held = ready.job, ready.oid, ready.doc, ready.email, ready.held
         mail_id = str(oid)
         attempts: list[Doc] = list(doc.get("attempts") or [])
         rounds = int(doc.get("rounds", 1))
         tried = False  # a request went to a vendor this round
+        failed = False  # ... and failed in a way that counts against the mail's rounds
         for vendor in self.registry.plan(job.id):
             if not self.registry.begin(vendor):
                 continue
+            paced = await self._paced(ready, vendor.name)
+            if paced is not True:
+                # No send-rate token: neither a failure of the vendor nor a round of the mail.
+                self.registry.released(vendor)
+                if paced is False:
+                    continue  # none came within the wait: the next vendor may have one
+                return await self._not_counted(job, held, mail_id, attempts, rounds, paced, "rate limit")
             if (tried or self._needs_fence(held)) and not await self._fence(held):
                 self.registry.released(vendor)
                 return self._abandon(ready, attempts)
@@ -425,9 +375,17 @@ class Delivery:
                     job, held, Finish(mail_id, Status.FAILED, attempts, vendor=vendor.name, error=exc.reason)
                 )
                 log.warning("mail %s refused by %s, not retried: %s", mail_id, vendor.name, exc.reason)
-                return Settle(Action.DELETE, reason="permanent", priority=held.priority)
-            except (TransientVendorError, VendorAuthError) as exc:
+                return Decision(Action.DELETE, reason="permanent", priority=held.priority)
+            except VendorThrottled as exc:
+                # Not an outage: the vendor stays in rotation after a short pause, at a lower
+                # rate, and the mail fails over (or waits) without losing a round.
                 tried = True
+                pause = self.registry.throttled(vendor, exc)
+                reason = f"{exc.reason} (throttled: paused {pause:.1f} s)"
+                attempts.append(self._attempt(vendor.name, started, "transient", job, error=reason))
+                continue
+            except (TransientVendorError, VendorAuthError) as exc:
+                tried = failed = True
                 outcome: Outcome = "auth" if isinstance(exc, VendorAuthError) else "transient"
                 if isinstance(exc, TransientVendorError) and exc.ambiguous:
                     # The vendor may have accepted it: failing over may send it twice.
@@ -448,7 +406,7 @@ class Delivery:
                 held.interrupted = [*attempts, self._attempt(vendor.name, started, "unknown", job, error=cut)]
                 raise
             except Exception as exc:  # an adapter bug, or a mail no check foresaw
-                tried = True
+                tried = failed = True
                 log.exception("vendor %s raised an unexpected error for mail %s", vendor.name, mail_id)
                 reason = f"unexpected {type(exc).__name__}: {str(exc)[:200]}"
                 attempts.append(self._attempt(vendor.name, started, "unknown", job, error=reason))
@@ -467,13 +425,13 @@ class Delivery:
                     Finish(mail_id, Status.SENT, attempts, vendor=vendor.name, message_id=result.message_id),
                 )
             )
-            return Settle(Action.DELETE, reason="sent", recording=recording, priority=held.priority)
+            return Decision(Action.DELETE, reason="sent", recording=recording, priority=held.priority)
         refusals = self._refusals(attempts)
         if refusals is not None:
             await self._commit(job, held, Finish(mail_id, Status.FAILED, attempts, error=refusals))
             log.warning("mail %s failed: %s", mail_id, refusals)
-            return Settle(Action.DELETE, reason="unsupported", priority=held.priority)
-        return await self._retry_later(job, held, mail_id, attempts, rounds, tried)
+            return Decision(Action.DELETE, reason="unsupported", priority=held.priority)
+        return await self._retry_later(job, held, mail_id, attempts, rounds, tried, failed)
 
     def _refusals(self, attempts: list[Doc]) -> str | None:
         """One reason naming each vendor's refusal, when every enabled vendor said it
@@ -485,31 +443,28 @@ class Delivery:
         return "no enabled vendor can carry this mail: " + "; ".join(f"{n}: {said[n]}" for n in names)
 
     async def _retry_later(
-        self, job: Job, held: Held, mail_id: str, attempts: list[Doc], rounds: int, tried: bool
-    ) -> Settle:
+        self,
+        job: Job,
+        held: Held,
+        mail_id: str,
+        attempts: list[Doc],
+        rounds: int,
+        tried: bool,
+        failed: bool,
+    ) -> Decision:
         c = self.settings.consumer
         now = self.clock()
         priority = held.priority
         last_error = next((a.get("error") for a in reversed(attempts) if a.get("error")), None)
-        if not tried and self.registry.next_available_at() <= now:
-            # Nothing was tried, yet no vendor is in its cooldown: each is half-open with
-            # another mail's probe in flight (or said it cannot carry this mail). That says
-            # nothing about this mail, so the round does not count; otherwise, after an
-            # outage, the mails arriving while the probes run would spend rounds (their last
-            # one too) waiting on them, and fail although every vendor is back. Again in 1 s.
-            await self._commit(
-                job,
-                held,
-                Finish(
-                    mail_id,
-                    Status.RETRYING,
-                    attempts,
-                    error=last_error,
-                    next_attempt_ts=now + 1,
-                    extra={"rounds": rounds - 1},
-                ),
-            )
-            return Settle(Action.RELEASE, delay=1, reason="probing", priority=priority)
+        if not failed and (tried or self.registry.next_available_at() <= now):
+            # Nothing failed: the vendors throttled us, had no rate-limit token in time, or
+            # were half-open with another mail's probe in flight (or said they cannot carry
+            # this mail). That says nothing about this mail, so the round does not count;
+            # otherwise, after an outage, the mails arriving while the probes run would spend
+            # rounds (their last one too) waiting on them, and fail although every vendor is
+            # back. Again once the first vendor can take it (at least 1 s).
+            wait = min(self.registry.next_available_at() - now, c.backoff_cap_s)
+            return await self._not_counted(job, held, mail_id, attempts, rounds, wait, last_error)
         if not tried:
             now_dt = dt.datetime.now(dt.UTC)
             attempts.append(self._attempt("-", now_dt, "unavailable", job, error="no vendor available"))
@@ -518,7 +473,7 @@ class Delivery:
             error = f"gave up after {rounds} rounds: {last_error or 'no vendor available'}"
             await self._commit(job, held, Finish(mail_id, Status.FAILED, attempts, error=error))
             log.error("mail %s failed: %s", mail_id, error)
-            return Settle(Action.BURY, reason="max attempts", priority=priority)
+            return Decision(Action.BURY, reason="max attempts", priority=priority)
         delay = backoff_delay(rounds, c.backoff_base_s, c.backoff_cap_s, jitter=self.rand())
         # No point coming back before a vendor can take it again.
         delay = min(max(delay, self.registry.next_available_at() - now), max(c.backoff_cap_s, 0.0))
@@ -528,7 +483,30 @@ class Delivery:
             held,
             Finish(mail_id, Status.RETRYING, attempts, error=last_error, next_attempt_ts=now + delay_s),
         )
-        return Settle(Action.RELEASE, delay=delay_s, reason="retry", priority=priority)
+        return Decision(Action.RELEASE, delay=delay_s, reason="retry", priority=priority)
+
+    async def _not_counted(
+        self,
+        job: Job,
+        held: Held,
+        mail_id: str,
+        attempts: list[Doc],
+        rounds: int,
+        wait: float,
+        error: str | None,
+    ) -> Decision:
+        """Try again in ``wait`` seconds (at least 1) without spending a round of the mail."""
+        delay = max(1, int(wait + 0.999))
+        finish = Finish(
+            mail_id,
+            Status.RETRYING,
+            attempts,
+            error=error,
+            next_attempt_ts=self.clock() + delay,
+            extra={"rounds": rounds - 1},
+        )
+        await self._commit(job, held, finish)
+        return Decision(Action.RELEASE, delay=delay, reason="not counted", priority=held.priority)
 
     def _attempt(
         self,

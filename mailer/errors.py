@@ -231,6 +231,16 @@ class TransientVendorError(VendorError):
         self.ambiguous = ambiguous
 
 
+class VendorThrottled(TransientVendorError):
+    """The vendor asked us to slow down (HTTP 429, SparkPost 420, SES ``Throttling`` /
+    "Maximum sending rate exceeded", an SMTP 421/451 rate reply).
+
+    Not an outage: the vendor stays in rotation, paused only for its ``Retry-After`` (or a
+    short default that grows on repeats) while its send rate is lowered for a while. A
+    subclass, so code that handles every transient error keeps working unchanged.
+    """
+
+
 class PermanentVendorError(VendorError):
     """The vendor refused this message (bad recipient, bad content): the mail fails, the vendor stays."""
 

@@ -13,12 +13,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pymongo.errors import PyMongoError
 
 from mailer.batching import Batcher, take
 from mailer.beanstalk import Beanstalk
+from mailer.capabilities import refuse_uncarriable
 from mailer.config import Settings, load_settings
 from mailer.errors import (
     BeanstalkConnectionError,
@@ -28,12 +29,13 @@ from mailer.errors import (
     EmailValidationError,
     EnqueueError,
     MailerError,
+    MailNotFound,
     ProducerClosedError,
     StoreError,
 )
 from mailer.lifecycle import AsyncResource
-from mailer.models import Email, MailRecord, parse_email
-from mailer.store import MAX_DOCUMENT_BYTES, Doc, MailStore
+from mailer.models import Email, MailRecord, Status, parse_email
+from mailer.store import MAX_DOCUMENT_BYTES, RECEIPT_DELAY_S, Doc, MailStore, parse_mail_id
 from mailer.throughput import ThroughputMeter
 
 log = logging.getLogger("mailer.producer")
@@ -71,6 +73,127 @@ def _leader(entries: Sequence[_Entry]) -> str:
     return str(min(keyless or entries, key=lambda e: e.size).doc["_id"])
 
 
+def _write_failed(exc: Exception) -> StoreError:
+    """The error of a write whose outcome is unknown (MongoDB went away mid-write)."""
+    if isinstance(exc, StoreError):
+        return exc
+    return StoreError(
+        f"MongoDB failed during the write ({type(exc).__name__}: {exc}); the mail may or may "
+        "not be stored: if it is, the requeue sweep queues it"
+    )
+
+
+class _ReceiptStore(Protocol):
+    async def record_jobs(self, leader: str, jobs: dict[str, int]) -> None: ...
+
+    async def record_job_ids(self, jobs: dict[str, int]) -> None: ...
+
+
+class _Epoch:
+    """The lone sends that share one receipt: their documents' ``batch`` names ``leader``."""
+
+    __slots__ = ("closing", "jobs", "leader", "leader_stored", "pending", "written")
+
+    def __init__(self, leader: str, written: asyncio.Future[None]) -> None:
+        self.leader = leader
+        self.leader_stored = False
+        self.jobs: dict[str, int] = {}
+        self.pending = 0  # members between their stamp and their put's outcome
+        self.closing = False
+        self.written = written
+
+
+class _Receipts:
+    """Receipts of lone sends, group-committed in the background.
+
+    A lone caller must not pay a second MongoDB write for its receipt (it would double the
+    cost of its send), so consecutive lone sends share an epoch: each joins it before its
+    insert (its document's ``batch`` names the epoch's first mail), and the epoch's receipt
+    is written once, whole, in the background, after ``delay`` seconds or ``max_mails``
+    mails and only once no member is still between its stamp and its put: a receipt never
+    lacks a member whose job exists. ``mailer.requeue`` waits ``RECEIPT_DELAY_S`` longer
+    for it; a receipt lost to a crash only costs such a mail one harmless duplicate job.
+    """
+
+    def __init__(
+        self, store: _ReceiptStore, *, delay: float = RECEIPT_DELAY_S, max_mails: int = _MAX_BATCH
+    ) -> None:
+        self._store = store
+        self._delay = delay
+        self._max = max_mails
+        self._epoch: _Epoch | None = None
+        self._unwritten: set[asyncio.Future[None]] = set()
+
+    def join(self, doc: Doc) -> _Epoch:
+        epoch = self._epoch
+        if epoch is None or epoch.closing or len(epoch.jobs) + epoch.pending >= self._max:
+            loop = asyncio.get_running_loop()
+            epoch = self._epoch = _Epoch(str(doc["_id"]), loop.create_future())
+            self._unwritten.add(epoch.written)
+            loop.call_later(self._delay, self._close, epoch)
+        epoch.pending += 1
+        doc["batch"] = epoch.leader
+        return epoch
+
+    def leave(self, epoch: _Epoch, mail_id: str, *, stored: bool, job: int | None) -> None:
+        """A member is done: stored or not, queued (``job``) or not."""
+        if mail_id == epoch.leader:
+            epoch.leader_stored = stored
+        if job is not None:
+            epoch.jobs[mail_id] = job
+        epoch.pending -= 1
+        if epoch.closing and epoch.pending == 0:
+            self._write(epoch)
+
+    def _close(self, epoch: _Epoch) -> None:
+        if epoch.closing:
+            return
+        epoch.closing = True
+        if self._epoch is epoch:
+            self._epoch = None
+        if epoch.pending == 0:
+            self._write(epoch)
+
+    def _write(self, epoch: _Epoch) -> None:
+        task = asyncio.get_running_loop().create_task(self._commit(epoch))
+        task.add_done_callback(lambda _: _settle(epoch.written))
+
+    async def _commit(self, epoch: _Epoch) -> None:
+        """One update per epoch; on the leader, or per mail if the leader was not stored.
+        A failure is logged, not raised: the mails are stored and queued."""
+        if not epoch.jobs:
+            return
+        try:
+            if epoch.leader_stored:
+                await self._store.record_jobs(epoch.leader, epoch.jobs)
+            else:
+                await self._store.record_job_ids(epoch.jobs)
+        except PyMongoError as exc:
+            _receipt_lost(len(epoch.jobs), exc)
+
+    async def close(self, within: float) -> None:
+        """Write every open receipt now, waiting at most ``within`` seconds."""
+        if self._epoch is not None:
+            self._close(self._epoch)
+        pending = [f for f in self._unwritten if not f.done()]
+        self._unwritten = set(pending)
+        if pending:
+            await asyncio.wait(pending, timeout=within)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _receipt_lost(n: int, exc: Exception) -> None:
+    log.warning(
+        "could not record the jobs of %d mail(s) (%s); the requeue sweep may queue them twice",
+        n,
+        type(exc).__name__,
+    )
+
+
 def _copy_error(exc: BaseException) -> MailerError:
     """A fresh exception per waiting caller (one instance raised in many tasks would share
     and grow one traceback)."""
@@ -91,7 +214,7 @@ class Producer(AsyncResource):
         settings = settings if settings is not None else load_settings()
         self.settings = settings.for_test() if test else settings
         b = self.settings.beanstalkd
-        self.store = MailStore(self.settings)
+        self.store = MailStore(self.settings, socket_timeouts=True)
         self.queue = Beanstalk(
             b.host, b.port, connect_timeout=b.connect_timeout_s, command_timeout=b.command_timeout_s
         )
@@ -104,6 +227,8 @@ class Producer(AsyncResource):
             weigh=lambda e: e.size,
             on_error=_copy_error,
         )
+        self._receipts = _Receipts(self.store)
+        self._lone = False  # a send is on the lone path: callers arriving meanwhile group-commit
         self._connected = False
 
     def __repr__(self) -> str:
@@ -129,7 +254,9 @@ class Producer(AsyncResource):
         """Close both connections; calls in flight fail. Safe to call twice."""
         self._connected = False
         # Let sends already accepted finish their write (bounded by the store's timeouts).
-        await self._sends.close(within=self.settings.mongodb.timeout_ms / 1000 + 5)
+        within = self.settings.mongodb.timeout_ms / 1000 + 5
+        await self._sends.close(within=within)
+        await self._receipts.close(within=within)
         await self._meter.stop()
         await self.queue.close()
         await self.store.close()
@@ -146,7 +273,8 @@ class Producer(AsyncResource):
     # --- sending -----------------------------------------------------------------------
 
     def validate(self, email: EmailInput) -> Email:
-        return parse_email(email, max_bytes=self.settings.producer.max_email_bytes)
+        mail = parse_email(email, max_bytes=self.settings.producer.max_email_bytes)
+        return refuse_uncarriable(mail, self.settings)  # what no enabled vendor can carry
 
     def _priority(self, email: Email) -> int:
         return email.priority if email.priority is not None else self.settings.producer.default_priority
@@ -169,16 +297,46 @@ class Producer(AsyncResource):
         unknown when MongoDB went away mid-write) or EnqueueError (stored, not yet queued:
         the requeue sweep will queue it).
 
-        Concurrent calls are group-committed: while one batch is being written, the mails
-        that arrive wait and go together in the next ``insert_many`` and pipelined puts.
-        Each call still returns only once its own mail is stored and queued.
+        A lone caller (nobody else is sending) goes straight through: one ``insert_one``,
+        one ``put``, and its job's receipt joins a background group commit. Concurrent calls
+        are group-committed: while one write is in flight, the mails that arrive wait and go
+        together in the next ``insert_many`` and pipelined puts. Each call still returns only
+        once its own mail is stored and queued.
         """
         self._require()
         entry = self._entry(self.validate(email))
-        result = await self._sends.submit(entry)
-        if isinstance(result, MailerError):
-            raise result
-        return result
+        if self._lone or self._sends.busy:
+            result = await self._sends.submit(entry)
+            if isinstance(result, MailerError):
+                raise result
+            return result
+        self._lone = True
+        try:
+            return await self._send_alone(entry)
+        finally:
+            self._lone = False
+
+    async def _send_alone(self, entry: _Entry) -> str:
+        """Insert (acknowledged), then put; the receipt is left to the background."""
+        doc = entry.doc
+        epoch = self._receipts.join(doc)
+        doc["queued_ts"] = time.time()
+        mail_id, new, job = str(doc["_id"]), False, None
+        try:
+            try:
+                mail_id, new = await self.store.insert(doc)
+            except Exception as exc:
+                raise _write_failed(exc) from None
+            if not new:
+                return mail_id  # the idempotency key's earlier mail: nothing queued
+            try:
+                job = await self._put_one(mail_id, entry.priority, entry.delay)
+            except BeanstalkError as exc:
+                raise EnqueueError([mail_id], exc) from exc
+            self._meter.add(1)
+            return mail_id
+        finally:
+            self._receipts.leave(epoch, str(doc["_id"]), stored=new, job=job)
 
     async def send_many(self, emails: Sequence[EmailInput]) -> list[str]:
         """Store and queue a batch with one ``insert_many`` and pipelined puts.
@@ -234,13 +392,8 @@ class Producer(AsyncResource):
             entry.doc["batch"], entry.doc["queued_ts"] = leader, now
         try:
             stored = await self.store.insert_many([e.doc for e in entries])
-        except StoreError:
-            raise
         except Exception as exc:
-            raise StoreError(
-                f"MongoDB failed during the write ({type(exc).__name__}: {exc}); the mail may or may "
-                "not be stored: if it is, the requeue sweep queues it"
-            ) from None
+            raise _write_failed(exc) from None
         results: list[str | MailerError] = []
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (entry, outcome) in enumerate(zip(entries, stored, strict=True)):
@@ -288,11 +441,7 @@ class Producer(AsyncResource):
             else:
                 await self.store.record_job_ids(jobs)
         except PyMongoError as exc:
-            log.warning(
-                "could not record the jobs of %d mail(s) (%s); the requeue sweep may queue them twice",
-                len(jobs),
-                type(exc).__name__,
-            )
+            _receipt_lost(len(jobs), exc)
 
     async def status(self, mail_id: str) -> MailRecord:
         """The stored record of a mail: status, attempts, vendor, message id."""
@@ -312,9 +461,36 @@ class Producer(AsyncResource):
             await self._reconnect()
             return await self.queue.put_many(bodies, priority=priority, delay=delay, ttr=ttr)
 
+    async def _put_one(self, mail_id: str, priority: int, delay: int) -> int:
+        ttr = self.settings.beanstalkd.ttr_s
+        try:
+            return await self.queue.put(mail_id.encode(), priority=priority, delay=delay, ttr=ttr)
+        except (BeanstalkConnectionError, BeanstalkTimeoutError):
+            await self._reconnect()  # as in _put_many: a second job for a mail is harmless
+            return await self.queue.put(mail_id.encode(), priority=priority, delay=delay, ttr=ttr)
+
     async def _reconnect(self) -> None:
         """Reconnect once for every task that saw the same broken connection."""
         async with self._reconnect_lock:
             if not self.queue.connected:
                 log.warning("beanstalkd connection lost; reconnecting")
                 await self.queue.reconnect()
+
+    # --- withdrawing a mail ------------------------------------------------------------
+
+    async def cancel(self, mail_id: str) -> Status:
+        """Cancel a mail that is still ``queued`` or ``retrying``; its job is deleted unsent
+        by the consumer that reserves it.
+
+        Returns the mail's status afterwards: ``Status.CANCELLED`` when it is (or already
+        was) cancelled; any other status means it is too late (being sent, sent or failed)
+        and nothing changed. Raises MailNotFound for an unknown id or one that is not an id.
+        """
+        self._require()
+        oid = parse_mail_id(mail_id)
+        status = None if oid is None else await self.store.cancel(oid)
+        if status is None:
+            raise MailNotFound(
+                f"no mail with id {mail_id!r} in collection {self.settings.mongodb.collection!r}"
+            )
+        return status

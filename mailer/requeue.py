@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings
-from mailer.store import Doc, MailStore
+from mailer.store import RECEIPT_DELAY_S, Doc, MailStore
 
 log = logging.getLogger("mailer.requeue")
 
@@ -81,9 +81,11 @@ class SweepReport:
 
 def in_flight_s(settings: Settings) -> float:
     """How long a writer may take from stamping a document to recording its job: an insert,
-    a put with one reconnect, and the receipt, each bounded by its timeout."""
+    a put with one reconnect, and the receipt, each bounded by its timeout (the producer's
+    MongoDB writes twice: pymongo may retry one once), plus the time a lone send's receipt
+    may wait for its epoch's (``RECEIPT_DELAY_S``)."""
     b, m = settings.beanstalkd, settings.mongodb
-    return 2 * m.timeout_ms / 1000 + b.connect_timeout_s + 3 * b.command_timeout_s + 5.0
+    return 4 * m.timeout_ms / 1000 + b.connect_timeout_s + 3 * b.command_timeout_s + RECEIPT_DELAY_S + 5.0
 
 
 async def sweep(

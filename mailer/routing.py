@@ -11,6 +11,13 @@ consumer process skips it; each process refreshes its view every few seconds and
 it marks a vendor, never with a read per mail. After the cooldown the vendor is
 *half-open*: this process lets one real send through as a probe; success closes it for
 everyone, failure opens it for another cooldown.
+
+A vendor that *throttles* us (429, SES "Maximum sending rate exceeded", an SMTP rate reply)
+is not down: it is paused for its ``Retry-After``, or for a default that doubles on repeats
+(1, 2, 4 ... ``throttle_cap_s``), far below the cooldown, then back in rotation for everyone
+at once, without a probe; and its send rate is lowered for a while (:mod:`mailer.ratelimit`).
+The pause is shared like any mark; its reason starts with :data:`THROTTLE_PREFIX`, which
+tells the other processes that no probe is due when it runs out.
 """
 
 from __future__ import annotations
@@ -19,17 +26,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from pymongo.errors import PyMongoError
 
 from mailer.errors import VendorAuthError, VendorError
+from mailer.ratelimit import RateLimiter
 from mailer.store import MailStore
 from mailer.vendors.base import Vendor
 
 log = logging.getLogger("mailer.routing")
 Clock = Callable[[], float]
+THROTTLE_PREFIX = "throttled: "
 
 
 @dataclass(slots=True)
@@ -37,6 +46,8 @@ class _Breaker:
     until: float = 0.0  # unavailable until this epoch time; 0 = closed
     reason: str = ""
     probing: bool = False  # a half-open probe of this process is in flight
+    probe: bool = True  # the end of the mark needs a probe (an outage's; a throttle's does not)
+    throttles: int = 0  # throttles in a row (no success between): the default pause grows
 
 
 class VendorRegistry:
@@ -56,6 +67,9 @@ class VendorRegistry:
         clock: Clock = time.time,
         unexpected_marks: int = 5,
         unexpected_window_s: float = 60.0,
+        limiter: RateLimiter | None = None,
+        throttle_base_s: float = 1.0,
+        throttle_cap_s: float = 30.0,
     ) -> None:
         if not vendors:
             raise ValueError("a registry needs at least one vendor")
@@ -71,6 +85,9 @@ class VendorRegistry:
         self.unexpected_marks = unexpected_marks
         self.unexpected_window_s = unexpected_window_s
         self._unexpected: dict[str, dict[str, float]] = {}  # vendor -> {mail id: when}
+        self.limiter = limiter
+        self.throttle_base_s = throttle_base_s
+        self.throttle_cap_s = throttle_cap_s
         self._refresh_task: asyncio.Task[None] | None = None
         self._pending_writes: set[asyncio.Task[None]] = set()
 
@@ -113,6 +130,7 @@ class VendorRegistry:
             if writing and until < breaker.until:
                 continue
             breaker.until, breaker.reason = until, reason
+            breaker.probe = not reason.startswith(THROTTLE_PREFIX)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -155,13 +173,14 @@ class VendorRegistry:
         now = self.clock()
         if breaker.until > now or breaker.probing:
             return False
-        if breaker.until > 0:
+        if breaker.until > 0 and breaker.probe:
             breaker.probing = True
             log.info("vendor %s: cooldown over, probing with one send", vendor.name)
         return True
 
     def succeeded(self, vendor: Vendor) -> None:
         breaker = self._breakers[vendor.name]
+        breaker.throttles = 0
         # Only the half-open probe closes a breaker: a send that began before the vendor
         # was marked (by this process or another) and succeeds late says nothing about now.
         if breaker.probing:
@@ -176,6 +195,7 @@ class VendorRegistry:
         retry_after = getattr(error, "retry_after", None) or 0.0
         until = self.clock() + max(self.cooldown_s, retry_after)
         breaker.until, breaker.reason, breaker.probing = until, error.reason, False
+        breaker.probe = True
         if isinstance(error, VendorAuthError):
             log.error(
                 "vendor %s refused our credentials or account (%s): unavailable for %.0f s; "
@@ -191,6 +211,34 @@ class VendorRegistry:
             )
         if self.store is not None:
             self._write(self.store.mark_vendor(vendor.name, until, error.reason))
+
+    def throttled(self, vendor: Vendor, error: VendorError) -> float:
+        """The vendor asked us to slow down: pause it briefly and lower its send rate, but
+        keep it in rotation (no cooldown, no probe). Returns the pause in seconds.
+
+        The pause is the vendor's ``Retry-After``, else ``throttle_base_s`` doubled for each
+        throttle in a row, capped at ``throttle_cap_s``. A longer outage mark stands (a
+        send begun before it was marked may be throttled late); a throttled probe proves the
+        vendor is up, so it ends the outage.
+        """
+        breaker = self._breakers[vendor.name]
+        now = self.clock()
+        breaker.throttles += 1
+        asked = getattr(error, "retry_after", None)
+        retry_after = float(asked) if asked else 0.0
+        if retry_after <= 0:
+            retry_after = min(self.throttle_cap_s, self.throttle_base_s * 2 ** (breaker.throttles - 1))
+        until = now + retry_after
+        if self.limiter is not None:
+            self.limiter.slow_down(vendor.name)
+        if breaker.probe and breaker.until > until and not breaker.probing:
+            return breaker.until - now  # an outage mark outlasts this pause: it stands
+        reason = THROTTLE_PREFIX + error.reason
+        breaker.until, breaker.reason, breaker.probing, breaker.probe = until, reason, False, False
+        log.info("vendor %s throttled us (%s): paused for %.1f s", vendor.name, error.reason, retry_after)
+        if self.store is not None:
+            self._write(self.store.mark_vendor_throttled(vendor.name, until, reason))
+        return retry_after
 
     def unexpected(self, vendor: Vendor, mail_id: str, reason: str) -> bool:
         """An adapter raised something that is not a vendor error (a bug, or a mail no check
@@ -213,12 +261,12 @@ class VendorRegistry:
         """A begun send ended without a verdict (permanent error, cancel): end any probe."""
         self._breakers[vendor.name].probing = False
 
-    def _write(self, coro: object) -> None:
+    def _write(self, coro: Awaitable[object]) -> None:
         """Share a mark in the background: a delivery never waits on it."""
 
         async def run() -> None:
             try:
-                await coro  # type: ignore[misc]
+                await coro
             except PyMongoError as exc:
                 log.warning("could not share a vendor mark through MongoDB: %s", type(exc).__name__)
 

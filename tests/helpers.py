@@ -24,8 +24,9 @@ from bson import ObjectId
 from mailer.beanstalk import Beanstalk, Job
 from mailer.config import Settings
 from mailer.consumer import Consumer
-from mailer.delivery import Settle
+from mailer.delivery import Decision
 from mailer.errors import NotFound
+from mailer.jobs import OwnedJob, run_job
 from mailer.producer import Producer
 from mailer.store import Doc, MailStore
 from mailer.vendors.fake import FakeVendor
@@ -314,11 +315,11 @@ class DeliveryRig:
     async def reserve(self, wait_s: int = 5) -> Job:
         return await self.queue.reserve(wait_s)
 
-    async def handle(self, job: Job) -> Settle:
-        """Handle a reserved job as a reserve loop would (claim, send, record, settle)."""
-        return await self.consumer.delivery.handle(job, self.queue)
+    async def handle(self, job: Job) -> Decision:
+        """Handle a reserved job as a reserve loop does (claim, send, record, finish)."""
+        return await run_job(OwnedJob(job, self.queue, self.consumer.delivery))
 
-    async def step(self, wait_s: int = 5) -> tuple[Job, Settle]:
+    async def step(self, wait_s: int = 5) -> tuple[Job, Decision]:
         job = await self.reserve(wait_s)
         return job, await self.handle(job)
 

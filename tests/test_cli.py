@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bson import ObjectId
 from conftest import drain_tube
 from helpers import consumer_env, produce, running_consumer
 
@@ -308,3 +309,23 @@ async def test_vendors_reset_clears_a_mark(cli_env: Settings, capsys: pytest.Cap
     rc, out, err = await mailer(capsys, "vendors", "--test", "--reset", "postmark")
     assert (rc, out) == (2, "")
     assert "postmark" in one_line(err)
+
+
+async def test_cancel_a_queued_mail_then_too_late_and_unknown(
+    cli_env: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = await produce(cli_env, 2)
+    rc, out, err = await mailer(capsys, "cancel", "--test", first)
+    assert (rc, err) == (0, "") and "cancelled" in out
+    rc, out, err = await mailer(capsys, "cancel", "--test", "--json", first)  # again: still cancelled
+    assert rc == 0 and json.loads(out) == {"id": first, "cancelled": True, "status": "cancelled"}
+    async with MailStore(cli_env) as store:
+        assert (await store.get(first)).status.value == "cancelled"
+        await store.mails.update_one({"_id": ObjectId(second)}, {"$set": {"status": "sent"}})
+    rc, out, err = await mailer(capsys, "cancel", "--test", second)
+    assert (rc, out) == (1, "") and "sent" in one_line(err) and "too late" in err
+    rc, out, err = await mailer(capsys, "cancel", "--test", "--json", second)
+    assert rc == 1 and json.loads(out)["status"] == "sent"
+    for unknown in ("0123456789abcdef01234567", "not-an-id"):
+        rc, out, err = await mailer(capsys, "cancel", "--test", unknown)
+        assert (rc, out) == (1, "") and "no mail with id" in one_line(err)

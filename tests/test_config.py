@@ -382,3 +382,23 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(Exception, match="frozen"):
         s.beanstalkd.port = 1  # type: ignore[misc]
     assert isinstance(s, Settings)
+
+
+def test_vendor_order_names_the_known_vendors_from_the_table(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAILER_VENDORS__ORDER", '["smtp", "postmark"]')
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "key 'vendors.order.1'" in message, message
+    assert "unknown vendor 'postmark'; known: amazon, mailgun, sendinblue, sparkpost, smtp" in message
+
+
+def test_a_vendor_section_is_found_by_its_table_name(isolated: Path) -> None:
+    path = write(isolated / "c.toml", '[vendors.smtp]\nhost = "relay.example.com"\n')
+    vendors = load_settings(path).vendors
+    assert vendors.configured() == ["smtp"]
+    smtp = vendors.section("smtp")
+    assert smtp is not None and smtp.model_dump()["host"] == "relay.example.com"
+    assert vendors.section("mailgun") is None and vendors.section("order") is None

@@ -552,3 +552,21 @@ async def test_the_consumer_waits_for_mongodb_at_start_and_says_so_once(
         connecting.cancel()
         await consumer.close()
         mongo.kill()
+
+
+async def test_mails_waiting_for_a_rate_limit_do_not_hold_the_other_vendors(settings: Settings) -> None:
+    limited = VENDOR_NAMES[1]
+    settings = settings.model_copy(
+        update={"simulation": settings.simulation.model_copy(update={"max_per_second": {limited: 2.0}})}
+    )
+    vendors = fake_vendors()
+    ids = await produce(settings, 40)
+    async with MailStore(settings) as store, running_consumer(settings, vendors, concurrency=4):
+        others = [v for v in vendors if v.name != limited]
+        await wait_until(
+            lambda: sum(len(v.sends) for v in others) == 30, within=5, what="the other vendors' 30 mails"
+        )
+        slow = next(v for v in vendors if v.name == limited)
+        assert len(slow.sends) <= 8  # 2/s: it is still working through its 10
+        await wait_all_status(store, ids, "sent", within=20)
+    assert len(slow.sends) == 10

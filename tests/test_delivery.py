@@ -25,6 +25,7 @@ from helpers import (
     with_consumer,
 )
 
+from mailer import claims as claiming
 from mailer.config import Settings
 from mailer.delivery import Action, Committer, backoff_delay
 from mailer.errors import PermanentVendorError, TransientVendorError, VendorAuthError
@@ -404,7 +405,7 @@ async def test_twin_job_under_another_consumers_live_lease_is_deleted_unsent(set
     async with delivery_rig(settings, vendors) as rig:
         job, settle = await rig.step()
         doc = await rig.doc(mail_id)
-    assert settle.action is Action.DELETE and settle.reason == "twin"
+    assert settle.action is Action.TWIN and settle.reason == "twin"
     assert await job_stats(settings, job.id) is None
     assert sum(len(v.sends) for v in vendors) == 0
     assert doc["status"] == "sending" and doc["consumer"] == "other:1:abc"
@@ -434,7 +435,7 @@ async def test_the_same_job_back_under_its_own_live_lease_waits_the_lease_out(se
     stats = await job_stats(settings, job.id)
     assert stats is not None and stats["state"] == "delayed"
     assert sum(len(v.sends) for v in vendors) == 0
-    assert doc["status"] == "sending" and doc["rounds"] == 0
+    assert doc["status"] == "sending" and doc.get("rounds", 0) == 0
 
 
 async def test_expired_lease_of_a_dead_consumer_is_taken_over(settings: Settings) -> None:
@@ -531,8 +532,8 @@ async def test_a_claim_of_its_own_that_it_no_longer_holds_is_taken_back_at_once(
     vendors = fake_vendors()
     async with delivery_rig(settings, vendors) as rig:
         job = await rig.reserve()
-        await rig.store.claim(
-            ObjectId(mail_id), job_id=job.id, consumer=rig.consumer.consumer_id, lease_s=600
+        await claiming.claim(
+            rig.store, ObjectId(mail_id), job_id=job.id, consumer=rig.consumer.consumer_id, lease_s=600
         )
         settle = await rig.handle(job)
         doc = await rig.doc(mail_id)
@@ -640,14 +641,14 @@ async def test_a_claim_taken_over_meanwhile_sends_nothing_more(settings: Setting
             return TransientVendorError(picked.name, "ReadTimeout after sending", ambiguous=True)
 
         picked.default = timed_out  # type: ignore[assignment]
-        claim = store.claim
+        claim_one = store.claim_one
 
         async def claim_then_take_over(*args: Any, **kwargs: Any) -> Any:
-            result = await claim(*args, **kwargs)
+            result = await claim_one(*args, **kwargs)
             await taken_over(None, mail_id)
             return result
 
-        store.claim = claim_then_take_over  # type: ignore[method-assign]
+        store.claim_one = claim_then_take_over  # type: ignore[method-assign]
         settle = await rig.handle(job)
         doc = await rig.doc(mail_id)
     assert settle.action is Action.RELEASE and settle.reason == "claim lost"
@@ -672,3 +673,60 @@ async def test_the_job_of_a_cancelled_mail_is_deleted_unsent(settings: Settings)
     assert settle.action is Action.DELETE and settle.reason == "already finished"
     assert await job_stats(settings, job.id) is None
     assert sum(len(v.sends) for v in vendors) == 0 and doc["status"] == "cancelled"
+
+
+# --- throttling and send-rate limits ---------------------------------------------------------
+
+
+async def test_a_throttled_vendor_is_paused_briefly_and_the_mail_fails_over(settings: Settings) -> None:
+    from mailer.errors import VendorThrottled
+
+    settings = with_consumer(settings, vendor_cooldown_s=COOLDOWN)
+    [mail_id] = await produce(settings, 1)
+    vendors = fake_vendors()
+    async with delivery_rig(settings, vendors) as rig:
+        job = await rig.reserve()
+        picked = rig.picked(job)
+        picked.default = VendorThrottled(picked.name, "429 slow down", retry_after=2.0)
+        await rig.handle(job)
+        doc = await rig.doc(mail_id)
+        until, reason = rig.registry.snapshot()[picked.name]
+    assert doc["status"] == "sent" and doc["vendor"] == next_of(picked.name)
+    assert 0 < until - time.time() <= 2.5  # a pause of its Retry-After, not the 600 s cooldown
+    assert "throttl" in reason.lower()
+
+
+async def test_when_every_vendor_throttles_the_mail_waits_without_losing_a_round(settings: Settings) -> None:
+    from mailer.errors import VendorThrottled
+
+    [mail_id] = await produce(settings, 1)
+    vendors = fake_vendors()
+    for v in vendors:
+        v.default = VendorThrottled(v.name, "429", retry_after=3.0)
+    async with delivery_rig(settings, vendors) as rig:
+        _, settle = await rig.step()
+        doc = await rig.doc(mail_id)
+    assert settle.action is Action.RELEASE and settle.reason == "not counted" and 1 <= settle.delay <= 4
+    assert doc["status"] == "retrying" and doc.get("rounds", 0) == 0
+
+
+async def test_mails_past_a_vendors_waiting_room_are_put_off_not_failed_over(settings: Settings) -> None:
+    from mailer.delivery import PACE_WAIT_S
+    from mailer.ratelimit import RateLimiter
+
+    ids = await produce(settings, 1)
+    vendors = fake_vendors()
+    async with delivery_rig(settings, vendors) as rig:
+        job = await rig.reserve()
+        picked = rig.picked(job)
+        limiter = RateLimiter({picked.name: 1.0})
+        rig.consumer.delivery.limiter = limiter
+        while limiter.try_acquire(picked.name):  # spend what the first window holds
+            pass
+        rig.consumer.delivery._pace_waiting[picked.name] = int(PACE_WAIT_S)  # the room is full
+        settle = await rig.handle(job)
+        doc = await rig.doc(ids[0])
+    assert settle.action is Action.RELEASE and settle.reason == "not counted"
+    assert settle.delay >= PACE_WAIT_S  # its turn, after the waiting room's
+    assert sum(len(v.sends) for v in vendors) == 0  # not sent elsewhere meanwhile
+    assert doc["status"] == "retrying" and doc.get("rounds", 0) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import os
 import re
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
-from helpers import OwnBeanstalkd
+from helpers import OwnBeanstalkd, wait_until
 
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings
@@ -26,7 +27,8 @@ from mailer.errors import (
     StoreError,
 )
 from mailer.models import Status
-from mailer.producer import Producer
+from mailer.producer import Producer, _Receipts
+from mailer.requeue import sweep
 from mailer.store import MailStore
 
 MakeSettings = Callable[..., Awaitable[Settings]]
@@ -485,3 +487,166 @@ async def test_a_group_commit_is_bounded_by_bytes(
     assert all(isinstance(r, str) for r in results)
     assert len(sizes) >= 4 and max(sizes) <= 8 * 1024 * 1024, sizes
     assert sorted(await reserve_bodies(reader, 24)) == sorted([*map(str, results), *ids])
+
+
+# --- refused at the edge: a mail no enabled vendor can carry (issue 9, item 2) ----------------
+
+
+def with_vendor_order(settings: Settings, *names: str) -> Settings:
+    return settings.model_copy(update={"vendors": settings.vendors.model_copy(update={"order": list(names)})})
+
+
+FOUR_TAGS_TWO_REPLY_TO = {"tags": ["a", "b", "c", "d"], "reply_to": ["r1@example.com", "r2@example.com"]}
+
+
+async def test_a_mail_no_enabled_vendor_can_carry_is_refused_and_nothing_is_stored(
+    settings: Settings, reader: Beanstalk
+) -> None:
+    settings = with_vendor_order(settings, "mailgun", "sendinblue")
+    async with Producer(settings) as producer:
+        with pytest.raises(EmailValidationError) as info:
+            await producer.send(mail(1, **FOUR_TAGS_TWO_REPLY_TO))
+        with pytest.raises(EmailValidationError) as many:
+            await producer.send_many([mail(2), mail(3, **FOUR_TAGS_TWO_REPLY_TO)])
+        assert await producer.store.mails.count_documents({}) == 0
+    assert int((await reader.stats_tube(settings.beanstalkd.tube))["total-jobs"]) == 0
+    fields = dict(info.value.errors)
+    assert set(fields) == {"tags", "reply_to"}, info.value.errors
+    assert "mailgun" in fields["tags"] and "4 tags; Mailgun takes at most 3" in fields["tags"]
+    assert "sendinblue" in fields["reply_to"] and "Brevo takes only one" in fields["reply_to"]
+    assert "no enabled vendor can carry" in str(info.value)
+    assert {f for f, _ in many.value.errors} == {"[1].tags", "[1].reply_to"}
+
+
+async def test_a_mail_one_enabled_vendor_can_carry_is_accepted(settings: Settings) -> None:
+    settings = with_vendor_order(settings, "mailgun", "sendinblue")
+    async with Producer(settings) as producer:
+        four_tags = await producer.send(mail(1, tags=["a", "b", "c", "d"]))  # Brevo takes it
+        assert (await producer.status(four_tags)).status == Status.QUEUED
+
+
+async def test_nothing_is_refused_while_an_enabled_vendor_has_no_declared_limits(settings: Settings) -> None:
+    """SMTP's one refusal (SMTPUTF8) depends on the relay, so the edge cannot tell."""
+    settings = with_vendor_order(settings, "mailgun", "sendinblue", "smtp")
+    async with Producer(settings) as producer:
+        assert HEX24.match(await producer.send(mail(1, **FOUR_TAGS_TWO_REPLY_TO)))
+
+
+def test_the_default_vendors_each_give_their_reason(base_settings: Settings) -> None:
+    """All four default vendors refuse this one, each for its own documented limit."""
+    producer = Producer(base_settings)
+    everything = mail(1, to="ñandú@example.com", metadata={"tags": "x"}, **FOUR_TAGS_TWO_REPLY_TO)
+    with pytest.raises(EmailValidationError) as info:
+        producer.validate(everything)
+    named = {msg.split(":")[0].rsplit(" ", 1)[-1] for _, msg in info.value.errors}
+    assert {f for f, _ in info.value.errors} == {"to", "tags", "reply_to", "metadata"}
+    assert named == {"amazon", "mailgun", "sendinblue", "sparkpost"}, info.value.errors
+    assert producer.validate(mail(2, tags=["a", "b", "c", "d"])).tags == ["a", "b", "c", "d"]
+
+
+# --- the lone caller's path (issue 16) -------------------------------------------------
+
+
+async def test_a_lone_send_writes_only_its_insert_and_its_receipt_later(
+    settings: Settings, reader: Beanstalk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receipts: list[tuple[str, dict[str, int]]] = []
+    async with Producer(settings) as producer:
+        monkeypatch.setattr(producer._receipts, "_delay", 3600.0)  # only quit() writes it
+        record_jobs = producer.store.record_jobs
+
+        async def spy(leader: str, jobs: dict[str, int]) -> None:
+            receipts.append((leader, dict(jobs)))
+            await record_jobs(leader, jobs)
+
+        monkeypatch.setattr(producer.store, "record_jobs", spy)
+        ids = [await producer.send(mail(i)) for i in range(5)]
+        assert receipts == []  # no second write on any caller's path
+    jobs = {}
+    for _ in ids:
+        job = await reader.reserve(timeout=2)
+        jobs[job.body.decode()] = job.id
+    for job_id in jobs.values():
+        await reader.release(job_id)
+    assert receipts == [(ids[0], jobs)]  # one receipt for the five, written by quit()
+    async with MailStore(settings) as store:
+        await check_lone_receipt(settings, store, ids, jobs)
+
+
+async def check_lone_receipt(
+    settings: Settings, store: MailStore, ids: list[str], jobs: dict[str, int]
+) -> None:
+    stored = await store.mails.find({}, {"batch": 1, "batch_jobs": 1}).to_list()
+    assert {d["batch"] for d in stored} == {ids[0]}
+    leader = next(d for d in stored if str(d["_id"]) == ids[0])
+    assert leader["batch_jobs"] == jobs
+    # The sweep sees every job, even judged long after the in-flight bound.
+    b = settings.beanstalkd
+    async with Beanstalk(b.host, b.port) as queue:
+        report = await sweep(settings, store, queue, older_than_s=0, now=time.time() + 120)
+    assert report.requeued == [] and report.live == 5, report.summary()
+
+
+async def test_lone_receipts_are_written_in_the_background_one_per_epoch(
+    settings: Settings, reader: Beanstalk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Producer(settings) as producer:
+        store = producer.store
+        monkeypatch.setattr(producer._receipts, "_delay", 0.05)
+        first = [await producer.send(mail(i)) for i in range(3)]
+
+        async def receipt_of(leader: str) -> dict[str, int] | None:
+            return (await store.receipts([leader])).get(leader)
+
+        receipt = await wait_until(lambda: receipt_of(first[0]), within=10, what="the first receipt")
+        later = await producer.send(mail(3))  # the epoch was written: a new one begins
+        assert (await store.mails.find_one({"_id": ObjectId(later)}, {"batch": 1}) or {})["batch"] == later
+        second = await wait_until(lambda: receipt_of(later), within=10, what="the second receipt")
+    jobs = {}
+    for _ in range(4):
+        job = await reader.reserve(timeout=2)
+        jobs[job.body.decode()] = job.id
+    assert receipt == {i: jobs[i] for i in first} and second == {later: jobs[later]}
+
+
+async def test_an_epoch_receipt_waits_for_every_member_in_flight() -> None:
+    written: list[dict[str, int]] = []
+
+    class Store:
+        async def record_jobs(self, leader: str, jobs: dict[str, int]) -> None:
+            written.append(dict(jobs))
+
+        async def record_job_ids(self, jobs: dict[str, int]) -> None:
+            raise AssertionError("the leader was stored: its receipt must carry the batch")
+
+    receipts = _Receipts(Store(), delay=0.0)
+    a, b = {"_id": ObjectId()}, {"_id": ObjectId()}
+    epoch = receipts.join(a)
+    assert receipts.join(b) is epoch and b["batch"] == str(a["_id"])
+    await asyncio.sleep(0.01)  # the epoch's time is up while both are in flight
+    receipts.leave(epoch, str(a["_id"]), stored=True, job=7)
+    await asyncio.sleep(0.01)
+    assert written == []  # b may still get a job: a receipt without it would be wrong
+    c = {"_id": ObjectId()}
+    assert receipts.join(c) is not epoch  # a closing epoch takes no one new
+    receipts.leave(epoch, str(b["_id"]), stored=True, job=None)  # b's put failed: no job
+    await receipts.close(within=5)
+    assert written[0] == {str(a["_id"]): 7}
+
+
+async def test_concurrent_sends_still_group_commit(
+    producer: Producer, reader: Beanstalk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: collections.Counter[str] = collections.Counter()
+    for name in ("insert", "insert_many"):
+        original = getattr(producer.store, name)
+
+        def counted(*args: Any, _name: str = name, _f: Any = original) -> Any:
+            calls[_name] += 1
+            return _f(*args)
+
+        monkeypatch.setattr(producer.store, name, counted)
+    ids = await asyncio.gather(*(producer.send(mail(i)) for i in range(200)))
+    assert len(set(ids)) == 200
+    assert calls["insert"] == 1 and calls["insert_many"] <= 10, calls
+    assert sorted(await reserve_bodies(reader, 200)) == sorted(ids)

@@ -9,8 +9,9 @@ import pytest
 from helpers import VENDOR_NAMES, FakeClock, fake_vendors, vendor_mark, wait_until
 
 from mailer.config import Settings
-from mailer.errors import TransientVendorError, VendorAuthError
-from mailer.routing import VendorRegistry
+from mailer.errors import TransientVendorError, VendorAuthError, VendorThrottled
+from mailer.ratelimit import RateLimiter
+from mailer.routing import THROTTLE_PREFIX, VendorRegistry
 from mailer.store import MailStore
 from mailer.vendors.fake import FakeVendor
 
@@ -280,3 +281,89 @@ async def test_a_refresh_never_drops_a_mark_whose_write_is_still_pending(setting
             assert not reg.is_available("sparkpost")
         finally:
             await reg.close()
+
+
+# --- throttling is not an outage ---------------------------------------------------------
+
+
+def throttle(name: str, retry_after: float | None = None) -> VendorThrottled:
+    return VendorThrottled(name, "HTTP 429: Too many requests", retry_after=retry_after)
+
+
+def test_a_throttle_pauses_the_vendor_for_its_retry_after_then_everyone_sends_without_a_probe() -> None:
+    clock = FakeClock()
+    reg = registry(clock)
+    mailgun = by_name(reg, "mailgun")
+    assert reg.begin(mailgun)
+    assert reg.throttled(mailgun, throttle("mailgun", retry_after=1.0)) == 1.0
+    until, reason = reg.snapshot()["mailgun"]
+    assert until == pytest.approx(clock() + 1.0) and reason.startswith(THROTTLE_PREFIX)
+    assert not reg.is_available("mailgun")
+    clock.advance(1.01)
+    assert reg.begin(mailgun) and reg.begin(mailgun)  # back for every send at once: no probe
+    assert names(reg.plan(1))[0] == "mailgun"
+
+
+def test_the_default_throttle_pause_doubles_on_repeats_capped_far_below_the_cooldown() -> None:
+    clock = FakeClock()
+    reg = registry(clock)
+    mailgun = by_name(reg, "mailgun")
+    pauses = [reg.throttled(mailgun, throttle("mailgun")) for _ in range(8)]
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert max(pauses) < COOLDOWN / 10
+    reg.succeeded(mailgun)  # a send went through: the next throttle starts short again
+    assert reg.throttled(mailgun, throttle("mailgun")) == 1.0
+
+
+def test_a_throttle_never_cuts_an_outage_mark_short() -> None:
+    clock = FakeClock()
+    reg = registry(clock)
+    mailgun = by_name(reg, "mailgun")
+    reg.failed(mailgun, transient("mailgun"))
+    reg.throttled(mailgun, throttle("mailgun", retry_after=1.0))  # a send begun before the mark
+    until, reason = reg.snapshot()["mailgun"]
+    assert until == pytest.approx(clock() + COOLDOWN) and "503" in reason
+    clock.advance(COOLDOWN + 1)
+    assert reg.begin(mailgun) and not reg.begin(mailgun)  # the outage still ends with a probe
+
+
+def test_a_throttled_probe_proves_the_vendor_is_up() -> None:
+    clock = FakeClock()
+    reg = registry(clock)
+    mailgun = by_name(reg, "mailgun")
+    reg.failed(mailgun, transient("mailgun"))
+    clock.advance(COOLDOWN + 1)
+    assert reg.begin(mailgun)  # the probe
+    assert reg.throttled(mailgun, throttle("mailgun", retry_after=2.0)) == 2.0
+    clock.advance(2.01)
+    assert reg.begin(mailgun) and reg.begin(mailgun)
+
+
+def test_a_throttle_lowers_the_vendors_send_rate_through_the_limiter() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter({"mailgun": 40.0}, clock=clock)
+    reg = VendorRegistry(fake_vendors(), cooldown_s=COOLDOWN, clock=clock, limiter=limiter)
+    reg.throttled(by_name(reg, "mailgun"), throttle("mailgun", retry_after=1.0))
+    assert limiter.rate("mailgun") == pytest.approx(20.0)
+    reg.failed(by_name(reg, "amazon"), transient("amazon"))  # an outage is not a rate problem
+    assert limiter.rate("amazon") is None
+
+
+async def test_a_throttle_pause_is_shared_and_ends_without_a_probe_everywhere(settings: Settings) -> None:
+    clock = FakeClock()
+    async with MailStore(settings) as store_a, MailStore(settings) as store_b:
+        a = registry(clock, store=store_a)
+        b = registry(clock, store=store_b, refresh_s=0.05)  # "another process"
+        await a.start()
+        await b.start()
+        try:
+            a.throttled(by_name(a, "sparkpost"), throttle("sparkpost", retry_after=3.0))
+            await wait_until(lambda: not b.is_available("sparkpost"), within=5, what="b to see the pause")
+            until, reason = b.snapshot()["sparkpost"]
+            assert until == pytest.approx(clock() + 3.0) and reason.startswith(THROTTLE_PREFIX)
+            clock.advance(3.01)
+            sparkpost_b = by_name(b, "sparkpost")
+            assert b.begin(sparkpost_b) and b.begin(sparkpost_b)  # no probe in b either
+        finally:
+            await a.close()
+            await b.close()

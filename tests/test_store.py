@@ -13,10 +13,12 @@ from bson import ObjectId
 from pydantic import SecretStr
 from pymongo.errors import NetworkTimeout
 
+from mailer import claims as claiming
+from mailer.claims import ClaimState
 from mailer.config import Settings
 from mailer.errors import MailNotFound, StoreError
 from mailer.models import Attempt, Email, Status, parse_email
-from mailer.store import ClaimState, Doc, Finish, MailStore, attempt_doc, parse_mail_id, to_record
+from mailer.store import Doc, Finish, MailStore, attempt_doc, parse_mail_id, to_record
 
 MakeSettings = Callable[..., Awaitable[Settings]]
 UTC = dt.UTC
@@ -114,6 +116,22 @@ async def test_minimal_mail_round_trips_and_has_no_key(store: MailStore) -> None
     assert raw is not None and "idempotency_key" not in raw  # sparse index: absent, not null
 
 
+async def test_a_new_document_stores_only_what_is_read_and_reads_back_whole(store: MailStore) -> None:
+    # Issue 16: each stored field costs every insert; what reads the same when absent is left out.
+    email = simple_mail()
+    mail_id = await insert(store, email)
+    raw = await store.mails.find_one({"_id": ObjectId(mail_id)})
+    assert raw is not None
+    assert not {"updated_at", "rounds", "lease_until"} & set(raw), sorted(raw)
+    assert set(raw["mail"]) == {"from_", "to", "subject", "text"}  # no empty defaults stored
+    record = await store.get(mail_id)
+    assert record.email == email and record.rounds == 0 and record.attempts == []
+    assert record.updated_at == record.created_at
+    # A claim's $inc creates ``rounds``; the claim reads back as it did with a stored 0.
+    claim = await claiming.claim(store, ObjectId(mail_id), job_id=5, consumer="c", lease_s=60)
+    assert claim.doc is not None and claim.doc["rounds"] == 1 and claim.doc["lease_until"] > time.time()
+
+
 async def test_next_attempt_ts_follows_the_delay(store: MailStore) -> None:
     now = time.time()
     doc = MailStore.new_document(simple_mail(delay=600), priority=1)
@@ -154,7 +172,7 @@ async def test_claim_then_finish_reads_back_typed(store: MailStore) -> None:
     mail_id = await insert(store, email)
     oid = ObjectId(mail_id)
     created = (await store.get(mail_id)).created_at
-    claim = await store.claim(oid, job_id=77, consumer="c1", lease_s=60)
+    claim = await claiming.claim(store, oid, job_id=77, consumer="c1", lease_s=60)
     assert claim.state is ClaimState.CLAIMED
     assert claim.doc is not None
     assert claim.doc["status"] == "sending" and claim.doc["job_id"] == 77 and claim.doc["rounds"] == 1
@@ -210,7 +228,7 @@ async def test_finish_many_writes_every_mail_and_keeps_earlier_attempts(store: M
     first = attempt("amazon", "transient", error="throttled")
     finishes = []
     for mail_id in ids:
-        claim = await store.claim(ObjectId(mail_id), job_id=1, consumer="c", lease_s=60)
+        claim = await claiming.claim(store, ObjectId(mail_id), job_id=1, consumer="c", lease_s=60)
         assert claim.state is ClaimState.CLAIMED
         finishes.append(
             Finish(mail_id, Status.RETRYING, [attempt_doc(first)], error="throttled", next_attempt_ts=5.0)
@@ -221,7 +239,7 @@ async def test_finish_many_writes_every_mail_and_keeps_earlier_attempts(store: M
         assert r.status is Status.RETRYING and r.error == "throttled" and r.attempts == [first]
         assert r.vendor is None and r.sent_at is None
     # Round two: the claim hands back the stored attempts, as dicts, to extend.
-    claim = await store.claim(ObjectId(ids[0]), job_id=2, consumer="c", lease_s=60)
+    claim = await claiming.claim(store, ObjectId(ids[0]), job_id=2, consumer="c", lease_s=60)
     assert claim.state is ClaimState.CLAIMED and claim.doc is not None
     assert claim.doc["rounds"] == 2
     assert [Attempt.model_validate(a) for a in claim.doc["attempts"]] == [first]
@@ -237,20 +255,22 @@ async def test_finish_many_writes_every_mail_and_keeps_earlier_attempts(store: M
 async def test_claim_semantics(store: MailStore) -> None:
     mail_id = await insert(store, simple_mail())
     oid = ObjectId(mail_id)
-    assert (await store.claim(oid, job_id=1, consumer="a", lease_s=300)).state is ClaimState.CLAIMED
+    assert (await claiming.claim(store, oid, job_id=1, consumer="a", lease_s=300)).state is ClaimState.CLAIMED
     # A second claim while the lease runs: BUSY (a twin job).
-    busy = await store.claim(oid, job_id=2, consumer="b", lease_s=300)
+    busy = await claiming.claim(store, oid, job_id=2, consumer="b", lease_s=300)
     assert busy.state is ClaimState.BUSY
     assert busy.doc is not None and busy.doc["status"] == "sending"
     raw = await store.mails.find_one({"_id": oid})
     assert raw is not None and raw["consumer"] == "a" and raw["job_id"] == 1 and raw["rounds"] == 1
 
     # An unknown id: MISSING (a poison job).
-    assert (await store.claim(ObjectId(), job_id=3, consumer="a", lease_s=300)).state is ClaimState.MISSING
+    assert (
+        await claiming.claim(store, ObjectId(), job_id=3, consumer="a", lease_s=300)
+    ).state is ClaimState.MISSING
 
     # Sent: DONE (a redelivery), nothing changes.
     await store.finish_many([Finish(mail_id, Status.SENT, [], vendor="x", message_id="m")])
-    done = await store.claim(oid, job_id=4, consumer="c", lease_s=300)
+    done = await claiming.claim(store, oid, job_id=4, consumer="c", lease_s=300)
     assert done.state is ClaimState.DONE
     after = await store.get(mail_id)
     assert after.status is Status.SENT and after.job_id == 1 and after.rounds == 1
@@ -258,17 +278,21 @@ async def test_claim_semantics(store: MailStore) -> None:
 
 async def test_failed_mail_is_done(store: MailStore) -> None:
     mail_id = await insert(store, simple_mail())
-    await store.claim(ObjectId(mail_id), job_id=1, consumer="a", lease_s=60)
+    await claiming.claim(store, ObjectId(mail_id), job_id=1, consumer="a", lease_s=60)
     await store.finish_many([Finish(mail_id, Status.FAILED, [], error="nope")])
-    assert (await store.claim(ObjectId(mail_id), job_id=2, consumer="a", lease_s=60)).state is ClaimState.DONE
+    assert (
+        await claiming.claim(store, ObjectId(mail_id), job_id=2, consumer="a", lease_s=60)
+    ).state is ClaimState.DONE
 
 
 async def test_expired_lease_is_claimable_again(store: MailStore) -> None:
     mail_id = await insert(store, simple_mail())
     oid = ObjectId(mail_id)
     # A consumer whose lease is already over (it died).
-    assert (await store.claim(oid, job_id=1, consumer="dead", lease_s=-1)).state is ClaimState.CLAIMED
-    taken = await store.claim(oid, job_id=2, consumer="alive", lease_s=300)
+    assert (
+        await claiming.claim(store, oid, job_id=1, consumer="dead", lease_s=-1)
+    ).state is ClaimState.CLAIMED
+    taken = await claiming.claim(store, oid, job_id=2, consumer="alive", lease_s=300)
     assert taken.state is ClaimState.CLAIMED
     assert taken.doc is not None
     assert taken.doc["consumer"] == "alive" and taken.doc["job_id"] == 2 and taken.doc["rounds"] == 2
@@ -277,17 +301,17 @@ async def test_expired_lease_is_claimable_again(store: MailStore) -> None:
 
 async def test_retrying_mail_is_claimable(store: MailStore) -> None:
     mail_id = await insert(store, simple_mail())
-    await store.claim(ObjectId(mail_id), job_id=1, consumer="a", lease_s=60)
+    await claiming.claim(store, ObjectId(mail_id), job_id=1, consumer="a", lease_s=60)
     await store.finish_many([Finish(mail_id, Status.RETRYING, [], next_attempt_ts=1.0)])
     assert (
-        await store.claim(ObjectId(mail_id), job_id=2, consumer="b", lease_s=60)
+        await claiming.claim(store, ObjectId(mail_id), job_id=2, consumer="b", lease_s=60)
     ).state is ClaimState.CLAIMED
 
 
 async def test_release_claim_and_extend_lease(store: MailStore) -> None:
     mail_id = await insert(store, simple_mail())
     oid = ObjectId(mail_id)
-    await store.claim(oid, job_id=1, consumer="a", lease_s=1)
+    await claiming.claim(store, oid, job_id=1, consumer="a", lease_s=1)
     await store.extend_lease(oid, "a", 500)
     raw = await store.mails.find_one({"_id": oid})
     assert raw is not None and raw["lease_until"] > time.time() + 400
@@ -297,14 +321,14 @@ async def test_release_claim_and_extend_lease(store: MailStore) -> None:
     await store.release_claim(oid)
     r = await store.get(mail_id)
     assert r.status is Status.QUEUED and isinstance(r.updated_at, dt.datetime)
-    assert (await store.claim(oid, job_id=2, consumer="b", lease_s=60)).state is ClaimState.CLAIMED
+    assert (await claiming.claim(store, oid, job_id=2, consumer="b", lease_s=60)).state is ClaimState.CLAIMED
 
 
 async def test_concurrent_claims_one_winner(store: MailStore) -> None:
     mail_id = await insert(store, simple_mail())
     oid = ObjectId(mail_id)
     claims = await asyncio.gather(
-        *(store.claim(oid, job_id=i, consumer=f"c{i}", lease_s=60) for i in range(20))
+        *(claiming.claim(store, oid, job_id=i, consumer=f"c{i}", lease_s=60) for i in range(20))
     )
     states = [c.state for c in claims]
     assert states.count(ClaimState.CLAIMED) == 1
@@ -389,12 +413,12 @@ async def test_vendor_marks_keep_the_later_time(store: MailStore) -> None:
 async def test_status_counts(store: MailStore) -> None:
     assert await store.status_counts() == {s.value: 0 for s in Status}
     ids = [await insert(store, simple_mail(i)) for i in range(6)]
-    await store.claim(ObjectId(ids[0]), job_id=1, consumer="a", lease_s=60)
+    await claiming.claim(store, ObjectId(ids[0]), job_id=1, consumer="a", lease_s=60)
     for mail_id, status in ((ids[1], Status.SENT), (ids[2], Status.SENT), (ids[3], Status.FAILED)):
-        await store.claim(ObjectId(mail_id), job_id=1, consumer="a", lease_s=60)
+        await claiming.claim(store, ObjectId(mail_id), job_id=1, consumer="a", lease_s=60)
         await store.finish_many([Finish(mail_id, status, [], vendor="v", message_id="m")])
     counts = await store.status_counts()
-    assert counts == {"queued": 2, "sending": 1, "retrying": 0, "sent": 2, "failed": 1}
+    assert counts == {"queued": 2, "sending": 1, "retrying": 0, "sent": 2, "failed": 1, "cancelled": 0}
 
 
 async def orphans(store: MailStore, **kw: Any) -> list[Doc]:
@@ -426,13 +450,13 @@ async def test_mark_requeued_needs_the_mail_still_claimable_or_its_lease_expired
     now = time.time() + 1
     seen = await orphans(store, older_than_s=0, now=now)
     # Meanwhile a consumer claimed one (live lease) and finished another.
-    await store.claim(ObjectId(ids[0]), job_id=1, consumer="c", lease_s=60)
-    await store.claim(ObjectId(ids[1]), job_id=2, consumer="c", lease_s=60)
+    await claiming.claim(store, ObjectId(ids[0]), job_id=1, consumer="c", lease_s=60)
+    await claiming.claim(store, ObjectId(ids[1]), job_id=2, consumer="c", lease_s=60)
     await store.finish_many([Finish(ids[1], Status.SENT, [], vendor="v", message_id="m")])
     assert await store.mark_requeued(seen, token="t", now=now) == {ObjectId(ids[2])}
     # A claim whose lease ran out is a candidate, and is won while it stays expired.
     dead = await insert(store, simple_mail(5))
-    await store.claim(ObjectId(dead), job_id=3, consumer="gone", lease_s=-5)
+    await claiming.claim(store, ObjectId(dead), job_id=3, consumer="gone", lease_s=-5)
     expired = [d for d in await orphans(store, older_than_s=0, now=now) if str(d["_id"]) == dead]
     assert len(expired) == 1 and expired[0]["status"] == "sending"
     assert await store.mark_requeued(expired, token="u", now=now) == {ObjectId(dead)}
@@ -540,7 +564,7 @@ async def test_claim_many_claims_each_claimable_mail_once_and_explains_the_rest(
         {"$set": {"status": "sending", "consumer": "other", "lease_until": time.time() + 600}},
     )
     requests = [(ids[0], 10), (ids[1], 11), (ids[0], 12), (done, 13), (gone, 14), (leased, 15), (ids[2], 16)]
-    claims = await store.claim_many(requests, consumer="me", lease_s=60)
+    claims = await claiming.claim_many(store, requests, consumer="me", lease_s=60)
     states = [c.state for c in claims]
     assert states == [
         ClaimState.CLAIMED,
@@ -562,15 +586,15 @@ async def test_claim_many_claims_each_claimable_mail_once_and_explains_the_rest(
         )
         assert raw["lease_until"] > time.time() + 50 and isinstance(raw["updated_at"], dt.datetime)
     # a second batch claims nothing more
-    again = await store.claim_many([(ids[0], 20), (ids[1], 21)], consumer="you", lease_s=60)
+    again = await claiming.claim_many(store, [(ids[0], 20), (ids[1], 21)], consumer="you", lease_s=60)
     assert [c.state for c in again] == [ClaimState.BUSY, ClaimState.BUSY]
 
 
 async def test_claim_many_takes_over_expired_leases(store: MailStore) -> None:
     oid = ObjectId(await insert(store, simple_mail()))
-    [first] = await store.claim_many([(oid, 1)], consumer="dead", lease_s=-1)
+    [first] = await claiming.claim_many(store, [(oid, 1)], consumer="dead", lease_s=-1)
     assert first.state is ClaimState.CLAIMED
-    [taken] = await store.claim_many([(oid, 2)], consumer="alive", lease_s=60)
+    [taken] = await claiming.claim_many(store, [(oid, 2)], consumer="alive", lease_s=60)
     assert taken.state is ClaimState.CLAIMED and taken.doc is not None and taken.doc["rounds"] == 2
     raw = await store.mails.find_one({"_id": oid})
     assert raw is not None and raw["consumer"] == "alive"
@@ -580,7 +604,7 @@ async def test_concurrent_claim_many_never_claims_a_mail_twice(store: MailStore)
     ids = [ObjectId(await insert(store, simple_mail(i))) for i in range(60)]
     batches = [[(oid, n * 100 + i) for i, oid in enumerate(ids)] for n in range(4)]
     results = await asyncio.gather(
-        *(store.claim_many(batch, consumer=f"c{n}", lease_s=60) for n, batch in enumerate(batches))
+        *(claiming.claim_many(store, batch, consumer=f"c{n}", lease_s=60) for n, batch in enumerate(batches))
     )
     won = [
         oid
@@ -595,7 +619,7 @@ async def test_a_bad_document_does_not_fail_the_whole_claim_batch(store: MailSto
     good = ObjectId(await insert(store, simple_mail(1)))
     bad = ObjectId(await insert(store, simple_mail(2)))
     await store.mails.update_one({"_id": bad}, {"$set": {"status": "sending", "lease_until": "soon"}})
-    claims = await store.claim_many([(bad, 1), (good, 2)], consumer="me", lease_s=60)
+    claims = await claiming.claim_many(store, [(bad, 1), (good, 2)], consumer="me", lease_s=60)
     assert claims[0].state is ClaimState.ERROR and isinstance(claims[0].error, ValueError)
     assert claims[1].state is ClaimState.CLAIMED
 
@@ -603,8 +627,8 @@ async def test_a_bad_document_does_not_fail_the_whole_claim_batch(store: MailSto
 async def test_extend_leases_extends_only_this_consumers_claims(store: MailStore) -> None:
     mine = [ObjectId(await insert(store, simple_mail(i))) for i in range(3)]
     theirs = ObjectId(await insert(store, simple_mail(9)))
-    await store.claim_many([(oid, i) for i, oid in enumerate(mine)], consumer="me", lease_s=5)
-    await store.claim_many([(theirs, 9)], consumer="them", lease_s=5)
+    await claiming.claim_many(store, [(oid, i) for i, oid in enumerate(mine)], consumer="me", lease_s=5)
+    await claiming.claim_many(store, [(theirs, 9)], consumer="them", lease_s=5)
     await store.extend_leases([*mine, theirs], "me", 600)
     for oid in mine:
         raw = await store.mails.find_one({"_id": oid})
@@ -617,8 +641,8 @@ async def test_a_retry_record_is_not_written_over_a_claim_taken_over_by_another_
     store: MailStore,
 ) -> None:
     oid = ObjectId(await insert(store, simple_mail()))
-    await store.claim_many([(oid, 1)], consumer="slow", lease_s=-1)
-    await store.claim_many([(oid, 2)], consumer="new", lease_s=60)
+    await claiming.claim_many(store, [(oid, 1)], consumer="slow", lease_s=-1)
+    await claiming.claim_many(store, [(oid, 2)], consumer="new", lease_s=60)
     await store.finish_many([Finish(str(oid), Status.RETRYING, [], error="late", consumer="slow", job_id=1)])
     raw = await store.mails.find_one({"_id": oid})
     assert raw is not None and raw["status"] == "sending" and raw["consumer"] == "new"
@@ -626,3 +650,69 @@ async def test_a_retry_record_is_not_written_over_a_claim_taken_over_by_another_
     await store.finish_many([Finish(str(oid), Status.SENT, [], vendor="v", message_id="m", consumer="slow")])
     raw = await store.mails.find_one({"_id": oid})
     assert raw is not None and raw["status"] == "sent"
+
+
+# --- rate limits and throttle marks ---------------------------------------------------
+
+
+async def test_count_sends_creates_the_window_and_returns_the_count_after_each_add(store: MailStore) -> None:
+    try:
+        await store.ensure_rate_indexes()
+        assert await store.count_sends("mailgun:1", 3, ends=100.0) == 3  # upserted
+        assert await store.count_sends("mailgun:1", 2, ends=100.0) == 5
+        assert await store.count_sends("mailgun:2", 1, ends=200.0) == 1  # its own window
+        counts = await asyncio.gather(*(store.count_sends("mailgun:3", 1, ends=300.0) for _ in range(20)))
+        assert sorted(counts) == list(range(1, 21))  # atomic: no two adds saw the same count
+        assert await store.drop_rate_windows(ended_before=250.0) == 2
+        assert [d["_id"] async for d in store.rate_windows.find({})] == ["mailgun:3"]
+    finally:
+        await store.rate_windows.drop()
+
+
+async def test_a_throttle_mark_never_shortens_a_longer_mark_nor_takes_its_reason(store: MailStore) -> None:
+    now = time.time()
+    assert await store.mark_vendor_throttled("sendinblue", now + 2, "throttled: 429")  # a new mark
+    assert (await store.vendor_marks())["sendinblue"] == (pytest.approx(now + 2), "throttled: 429")
+    await store.mark_vendor("mailgun", now + 600, "HTTP 503")
+    assert not await store.mark_vendor_throttled("mailgun", now + 2, "throttled: HTTP 429")
+    assert (await store.vendor_marks())["mailgun"] == (pytest.approx(now + 600), "HTTP 503")
+    await store.mark_vendor("amazon", now - 5, "timed out")  # an expired outage mark
+    assert await store.mark_vendor_throttled("amazon", now + 3, "throttled: SES 429")
+    assert (await store.vendor_marks())["amazon"] == (pytest.approx(now + 3), "throttled: SES 429")
+
+
+# --- cancel ---------------------------------------------------------------------------
+
+
+async def test_cancel_is_a_compare_and_set_from_queued_or_retrying(store: MailStore) -> None:
+    queued, retrying, sending, sent = [await insert(store, simple_mail(i)) for i in range(4)]
+    for mail_id, status in ((retrying, "retrying"), (sending, "sending"), (sent, "sent")):
+        await store.mails.update_one({"_id": ObjectId(mail_id)}, {"$set": {"status": status}})
+    assert await store.cancel(ObjectId(queued)) is Status.CANCELLED
+    assert await store.cancel(ObjectId(retrying)) is Status.CANCELLED
+    assert await store.cancel(ObjectId(queued)) is Status.CANCELLED  # again: unchanged
+    assert await store.cancel(ObjectId(sending)) is Status.SENDING
+    assert await store.cancel(ObjectId(sent)) is Status.SENT
+    assert await store.cancel(ObjectId()) is None
+    record = await store.get(queued)
+    assert record.status is Status.CANCELLED and record.updated_at >= record.created_at
+    assert (await store.get(sending)).status is Status.SENDING
+    # A cancelled mail is not claimable: the claim's compare-and-set does not take it.
+    assert await store.claim_one(ObjectId(queued), job_id=1, consumer="c1", token="t", lease_s=60) is None
+
+
+async def test_cancel_and_claim_race_one_wins(store: MailStore) -> None:
+    ids = [await insert(store, simple_mail(i)) for i in range(20)]
+    results = await asyncio.gather(
+        *(store.cancel(ObjectId(i)) for i in ids),
+        *(
+            store.claim_one(ObjectId(i), job_id=n, consumer="c1", token="t", lease_s=60)
+            for n, i in enumerate(ids)
+        ),
+    )
+    cancels, claims = results[:20], results[20:]
+    for mail_id, cancel, claim in zip(ids, cancels, claims, strict=True):
+        won_claim = claim is not None
+        assert won_claim != (cancel is Status.CANCELLED), mail_id
+        final = (await store.get(mail_id)).status
+        assert final is (Status.SENDING if won_claim else Status.CANCELLED)

@@ -3,34 +3,28 @@
 Only ``MAILER_ENV=production`` builds real adapters; anything else builds a simulated
 stand-in for every vendor name, so nothing is ever sent by accident from a laptop or CI.
 
-Each vendor's SDK is an extra of the package (``mailer[ses]``, ``mailer[smtp]``, ...), so a
-producer-only application installs none of them; the factory imports an adapter only when
-production configures it, and names the extra when its SDK is missing.
+The factory has no list of vendors of its own: it reads the table in
+:class:`mailer.config.VendorsSettings` (each ``[vendors.NAME]`` field carries its adapter's
+``"module:Class"``, pip extra and SDK modules). Each SDK is an extra of the package
+(``mailer[ses]``, ``mailer[smtp]``, ...), so a producer-only application installs none of
+them; an adapter module is imported only when production configures it, and a missing SDK
+is named with its extra.
 """
 
 from __future__ import annotations
 
-from mailer.config import KNOWN_VENDORS, Settings, VendorsSettings
+import importlib
+
+from pydantic import BaseModel
+
+from mailer.config import KNOWN_VENDORS, VENDORS, Settings, VendorRow
 from mailer.errors import VendorConfigError
 from mailer.vendors.base import SendResult, Vendor
 
-__all__ = ["EXTRAS", "SendResult", "Vendor", "build_vendors", "vendor_names"]
+__all__ = ["EXTRAS", "SendResult", "Vendor", "adapter_class", "build_vendors", "construct", "vendor_names"]
 
-# The pip extra that brings each vendor's SDK, and the top-level modules of that SDK.
-EXTRAS = {
-    "amazon": "ses",
-    "mailgun": "mailgun",
-    "sendinblue": "sendinblue",
-    "sparkpost": "sparkpost",
-    "smtp": "smtp",
-}
-_SDK_MODULES = {
-    "amazon": ("aioboto3", "aiobotocore", "botocore", "boto3", "aiohttp"),
-    "mailgun": ("httpx",),
-    "sendinblue": ("httpx",),
-    "sparkpost": ("httpx",),
-    "smtp": ("aiosmtplib",),
-}
+# The pip extra that brings each vendor's SDK (for messages and the packaging test).
+EXTRAS = {name: row.extra for name, row in VENDORS.items()}
 
 
 def vendor_names(settings: Settings) -> list[str]:
@@ -49,7 +43,7 @@ def vendor_names(settings: Settings) -> list[str]:
         )
     names = settings.vendor_order()
     for name in names:
-        if getattr(settings.vendors, name, None) is None:
+        if settings.vendors.section(name) is None:
             raise VendorConfigError(
                 f"vendor {name!r} is in vendors.order but has no [vendors.{name}] section with credentials"
             )
@@ -63,44 +57,60 @@ def build_vendors(settings: Settings) -> list[Vendor]:
         from mailer.vendors.simulated import SimulatedVendor
 
         sim = settings.simulation
-        return [SimulatedVendor(n, latency_ms=sim.latency_ms, failure_rate=sim.failure_rate) for n in names]
-    return [_real(name, settings.vendors) for name in names]
+        return [
+            SimulatedVendor(
+                n,
+                latency_ms=sim.latency_ms,
+                failure_rate=sim.failure_rate,
+                throttle_rate=sim.throttle_rate.get(n, 0.0),
+                throttle_retry_after_s=sim.throttle_retry_after_s,
+            )
+            for n in names
+        ]
+    return [_real(name, settings) for name in names]
 
 
-def _real(name: str, sections: VendorsSettings) -> Vendor:
+def _real(name: str, settings: Settings) -> Vendor:
     """The real adapter, or a VendorConfigError naming the extra when its SDK is missing."""
+    row, section = VENDORS.get(name), settings.vendors.section(name)
+    if row is None or section is None:
+        raise VendorConfigError(f"unknown vendor {name!r}; known: {', '.join(KNOWN_VENDORS)}")
     try:
-        return _construct(name, sections)
+        return construct(row, section, name=name)
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").partition(".")[0]
-        if missing not in _SDK_MODULES.get(name, ()):
+        if missing not in row.sdk_modules:
             raise
         raise VendorConfigError(
             f"vendor {name!r} is configured but its SDK ({missing}) is not installed: "
-            f"pip install 'mailer[{EXTRAS[name]}]' (or 'mailer[all]' for every vendor)"
+            f"pip install 'mailer[{row.extra}]' (or 'mailer[all]' for every vendor)"
         ) from None
 
 
-def _construct(name: str, sections: VendorsSettings) -> Vendor:
-    # Imported here so a simulated run, or a producer, never loads aioboto3 and friends.
-    if name == "amazon" and sections.amazon is not None:
-        from mailer.vendors.amazon import AmazonVendor
+def adapter_class(row: VendorRow) -> object:
+    """The row's adapter class, imported now (and with it the vendor's SDK)."""
+    module, _, attr = row.adapter.partition(":")
+    found: object = getattr(importlib.import_module(module), attr, None)
+    if found is None:
+        raise VendorConfigError(f"vendor {row.name!r}: {row.adapter} does not exist; fix its VendorRow")
+    return found
 
-        return AmazonVendor(sections.amazon, name=name)
-    if name == "mailgun" and sections.mailgun is not None:
-        from mailer.vendors.mailgun import MailgunVendor
 
-        return MailgunVendor(sections.mailgun, name=name)
-    if name == "sendinblue" and sections.sendinblue is not None:
-        from mailer.vendors.sendinblue import SendinblueVendor
+def construct(row: VendorRow, section: BaseModel, *, name: str) -> Vendor:
+    """The adapter of ``row`` built from its section: ``Class(section, name=name)``.
 
-        return SendinblueVendor(sections.sendinblue, name=name)
-    if name == "sparkpost" and sections.sparkpost is not None:
-        from mailer.vendors.sparkpost import SparkpostVendor
-
-        return SparkpostVendor(sections.sparkpost, name=name)
-    if name == "smtp" and sections.smtp is not None:
-        from mailer.vendors.smtp import SmtpVendor
-
-        return SmtpVendor(sections.smtp, name=name)
-    raise VendorConfigError(f"unknown vendor {name!r}; known: {', '.join(KNOWN_VENDORS)}")
+    The row names its class by string (config imports nothing of ours), so what mypy would
+    check is checked here instead: the section is the row's own, the result is a Vendor.
+    """
+    if not isinstance(section, row.section):
+        raise VendorConfigError(
+            f"vendor {row.name!r} takes a {row.section.__name__}, not a {type(section).__name__}"
+        )
+    factory = adapter_class(row)
+    vendor = factory(section, name=name) if callable(factory) else None
+    if not isinstance(vendor, Vendor):
+        raise VendorConfigError(
+            f"vendor {row.name!r}: {row.adapter} does not build a vendor "
+            "(name, connect, send, close); fix its VendorRow"
+        )
+    return vendor

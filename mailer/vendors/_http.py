@@ -25,7 +25,13 @@ from typing import Any
 
 import httpx
 
-from mailer.errors import PermanentVendorError, TransientVendorError, VendorAuthError, VendorError
+from mailer.errors import (
+    PermanentVendorError,
+    TransientVendorError,
+    VendorAuthError,
+    VendorError,
+    VendorThrottled,
+)
 from mailer.lifecycle import AsyncResource
 from mailer.redact import Redactor
 from mailer.vendors.base import SendProgress, bounded_send
@@ -79,8 +85,11 @@ def default_error(vendor: str, status: int, message: str, retry_after: float | N
     (redirects are not followed), so they are configuration errors: treating them as a refusal
     of the message would fail every mail while keeping the vendor in rotation. A 504 is a proxy
     that gave up waiting, which leaves the vendor's outcome as unknown as our own read timeout.
+    A 429 is the vendor asking us to slow down, not an outage: :class:`VendorThrottled`.
     """
-    if status == 429 or status >= 500:
+    if status == 429:
+        return VendorThrottled(vendor, message, retry_after=retry_after)
+    if status >= 500:
         return TransientVendorError(vendor, message, retry_after=retry_after, ambiguous=status == 504)
     if status in (401, 403):
         return VendorAuthError(vendor, f"{message} (check the API key and account)")

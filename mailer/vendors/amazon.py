@@ -48,14 +48,15 @@ from botocore.exceptions import (
     SSLError,
 )
 
+from mailer import capabilities
 from mailer.config import AmazonSettings
 from mailer.errors import (
     PermanentVendorError,
     TransientVendorError,
-    UnsupportedByVendor,
     VendorAuthError,
     VendorConfigError,
     VendorError,
+    VendorThrottled,
 )
 from mailer.lifecycle import AsyncResource
 from mailer.models import MAIL_ID_HEADER, METADATA_HEADER, Address, Email
@@ -66,7 +67,6 @@ from mailer.vendors.mime import (
     build_message,
     message_bytes,
     metadata_headers,
-    needs_smtputf8,
 )
 
 if TYPE_CHECKING:
@@ -94,10 +94,10 @@ _TAG_TEXT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _MAX_TAGS = 50
 _MAX_ATTACHMENT_CONTENT_TYPE = 78
 
-_TRANSIENT_CODES = frozenset(
+# SES asking us to slow down (its send rate): a short pause, not an outage.
+_THROTTLE_CODES = frozenset(
     {
         "TooManyRequestsException",
-        "LimitExceededException",
         "Throttling",
         "ThrottlingException",
         "ThrottledException",
@@ -105,6 +105,11 @@ _TRANSIENT_CODES = frozenset(
         "RequestThrottledException",
         "RequestLimitExceeded",
         "SlowDown",
+    }
+)
+_TRANSIENT_CODES = frozenset(
+    {
+        "LimitExceededException",
         "ServiceUnavailable",
         "ServiceUnavailableException",
         "InternalFailure",
@@ -146,6 +151,9 @@ _PERMANENT_CODES = frozenset(
 _THROTTLE_TEXT = re.compile(
     r"throttl|rate exceeded|quota exceeded|sending quota|too many requests", re.IGNORECASE
 )
+# The daily quota (SES answers it with code Throttling too) is used up for hours: an outage
+# of the vendor, not a pause of a second or two.
+_QUOTA_TEXT = re.compile(r"quota exceeded|sending quota", re.IGNORECASE)
 _MAX_REASON = 300
 
 
@@ -249,13 +257,7 @@ class AmazonVendor(AsyncResource):
     # --- request -------------------------------------------------------------------------
 
     def _request(self, email: Email, mail_id: str) -> SendEmailRequestTypeDef:
-        if needs_smtputf8(email):
-            # Documented: SES does not support SMTPUTF8; a local part must be 7-bit ASCII.
-            raise UnsupportedByVendor(
-                self.name,
-                "a mailbox has a non-ASCII local part and SES does not support SMTPUTF8 "
-                "(another vendor can send it)",
-            )
+        capabilities.enforce(capabilities.amazon, self.name, email)
         tags, leftover = self._tags(email)
         extra = metadata_headers(leftover)
         headers: dict[str, str] = {MAIL_ID_HEADER: mail_id, **email.headers, **extra}
@@ -353,12 +355,15 @@ class AmazonVendor(AsyncResource):
         headers = meta.get("HTTPHeaders") or {}
         what = f"SES {status} {code}: {message}" if message else f"SES {status} {code}"
 
-        if code in _TRANSIENT_CODES or status == 429 or status >= 500:
+        rejected_for_rate = code == "MessageRejected" and _THROTTLE_TEXT.search(message)
+        if code in _THROTTLE_CODES or status == 429 or rejected_for_rate:
+            if _QUOTA_TEXT.search(message):
+                return TransientVendorError(self.name, f"{what} (the daily sending quota is used up)")
+            return VendorThrottled(self.name, what, retry_after=_retry_after(headers.get("retry-after")))
+        if code in _TRANSIENT_CODES or status >= 500:
             retry_after = _retry_after(headers.get("retry-after"))
             # A gateway timeout means SES may have taken the mail behind the gateway.
             return TransientVendorError(self.name, what, retry_after=retry_after, ambiguous=status == 504)
-        if code == "MessageRejected" and _THROTTLE_TEXT.search(message):
-            return TransientVendorError(self.name, what)
         if code in _AUTH_CODES or code.startswith("AccessDenied") or status in (401, 403, 404):
             return VendorAuthError(self.name, f"{what} (check the SES account, identities and credentials)")
         if code in _PERMANENT_CODES or 400 <= status < 500:

@@ -4,7 +4,8 @@ The form is always multipart, attachments or not, so Mailgun sees one wire forma
 bodies travel as raw UTF-8 rather than percent-encoded. Mailgun's API reference allows at most
 three ``o:tag`` per message (its help centre has mentioned ten; extra tags are reported to be
 dropped silently), so a mail with more is refused here as UnsupportedByVendor, before any
-request, rather than sent with tags missing: another vendor can carry it. Mailgun documents
+request, rather than sent with tags missing: another vendor can carry it (the limit is declared
+in :mod:`mailer.capabilities`, which the producer checks too). Mailgun documents
 SMTPUTF8 addresses and converts IDN domains itself, so addresses go as the model holds them.
 404 means an unknown domain or the wrong region (US vs EU ``base_url``) and 402 an account that
 cannot pay: configuration, not a bad mail.
@@ -16,13 +17,14 @@ import base64
 import json
 from typing import Any
 
+from mailer import capabilities
 from mailer.config import MailgunSettings
-from mailer.errors import UnsupportedByVendor, VendorAuthError, VendorError
+from mailer.errors import VendorAuthError, VendorError
 from mailer.models import MAIL_ID_HEADER, Email
 from mailer.vendors._http import HttpVendor
 from mailer.vendors.base import SendResult
 
-MAX_TAGS = 3
+MAX_TAGS = capabilities.MAILGUN_MAX_TAGS
 FormPart = tuple[str | None, bytes] | tuple[str, bytes, str]
 
 
@@ -70,12 +72,7 @@ class MailgunVendor(HttpVendor):
 
     def request_parts(self, email: Email, mail_id: str) -> list[tuple[str, FormPart]]:
         """The multipart request body, or UnsupportedByVendor for what Mailgun cannot carry."""
-        if len(email.tags) > MAX_TAGS:
-            raise UnsupportedByVendor(
-                self.name,
-                f"{len(email.tags)} tags; Mailgun takes at most {MAX_TAGS} per message "
-                "(another vendor can send it, or use fewer tags)",
-            )
+        capabilities.enforce(capabilities.mailgun, self.name, email)
         # (None, bytes) parts are plain form fields; passing them as "files" keeps httpx on
         # multipart even when there is no attachment.
         parts: list[tuple[str, FormPart]] = [

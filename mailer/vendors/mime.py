@@ -31,6 +31,7 @@ from email.utils import format_datetime, make_msgid
 
 from email_validator import EmailNotValidError, validate_email
 
+from mailer.capabilities import smtputf8_field
 from mailer.models import MAIL_ID_HEADER, METADATA_HEADER, Address, Email, body_encoding, metadata_json
 
 __all__ = [
@@ -98,16 +99,9 @@ _OPAQUE_MAINTYPES = frozenset({"message", "multipart"})
 
 
 def needs_smtputf8(email: Email) -> bool:
-    """True when some mailbox has a non-ASCII local part: no 7-bit encoding can carry it."""
-    return any(not a.email.rpartition("@")[0].isascii() for a in _all_addresses(email))
-
-
-def _all_addresses(email: Email) -> Iterable[Address]:
-    yield email.from_
-    yield from email.to
-    yield from email.cc
-    yield from email.bcc
-    yield from email.reply_to
+    """True when some mailbox has a non-ASCII local part: no 7-bit encoding can carry it.
+    The rule itself lives in :mod:`mailer.capabilities`, where SES's limit is declared."""
+    return smtputf8_field(email) is not None
 
 
 @functools.lru_cache(maxsize=1024)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from mailer import capabilities
 from mailer.config import SendinblueSettings
-from mailer.errors import UnsupportedByVendor, VendorAuthError, VendorError
+from mailer.errors import VendorAuthError, VendorError
 from mailer.models import MAIL_ID_HEADER, METADATA_HEADER, Address, Email
 from mailer.vendors._http import HttpVendor
 from mailer.vendors.base import SendResult
@@ -56,12 +57,7 @@ class SendinblueVendor(HttpVendor):
         return None
 
     def payload(self, email: Email, mail_id: str) -> dict[str, Any]:
-        if len(email.reply_to) > 1:
-            raise UnsupportedByVendor(
-                self.name,
-                f"{len(email.reply_to)} reply-to addresses; Brevo takes only one "
-                "(another vendor can send it, or give one reply_to)",
-            )
+        capabilities.enforce(capabilities.sendinblue, self.name, email)
         headers = {**email.headers, MAIL_ID_HEADER: mail_id, **metadata_headers(email.metadata)}
         body: dict[str, Any] = {
             "sender": _address(email.from_),

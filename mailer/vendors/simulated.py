@@ -14,7 +14,8 @@ import logging
 import os
 import random
 
-from mailer.errors import TransientVendorError
+from mailer.capabilities import LIMITS, enforce
+from mailer.errors import TransientVendorError, VendorThrottled
 from mailer.models import Email
 from mailer.vendors.base import SendResult
 
@@ -30,12 +31,16 @@ class SimulatedVendor:
         *,
         latency_ms: float = 0.0,
         failure_rate: float = 0.0,
+        throttle_rate: float = 0.0,
+        throttle_retry_after_s: float = 1.0,
         keep: int = 1000,
         rng: random.Random | None = None,
     ) -> None:
         self.name = name
         self.latency_ms = latency_ms
         self.failure_rate = failure_rate
+        self.throttle_rate = throttle_rate
+        self.throttle_retry_after_s = throttle_retry_after_s
         self.sent: collections.deque[tuple[str, str]] = collections.deque(maxlen=keep)
         self.count = 0
         self._rng = rng or random.Random()
@@ -56,6 +61,13 @@ class SimulatedVendor:
             await asyncio.sleep(self.latency_ms / 1000)
         if self.failure_rate and self._rng.random() < self.failure_rate:
             raise TransientVendorError(self.name, "simulated failure")
+        if self.throttle_rate and self._rng.random() < self.throttle_rate:
+            retry_after = self.throttle_retry_after_s or None
+            raise VendorThrottled(self.name, "simulated throttling (429)", retry_after=retry_after)
+        # Refuse what this vendor could not carry in production, so development sees it too.
+        check = LIMITS.get(self.name)
+        if check is not None:
+            enforce(check, self.name, email)
         self.count += 1
         message_id = f"{self._prefix}-{next(self._ids)}"
         self.sent.append((mail_id, message_id))

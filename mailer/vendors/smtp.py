@@ -61,6 +61,7 @@ from mailer.errors import (
     VendorAuthError,
     VendorConfigError,
     VendorError,
+    VendorThrottled,
 )
 from mailer.lifecycle import AsyncResource
 from mailer.models import Email
@@ -83,6 +84,10 @@ _MAX_IDLE_S = 60.0
 # Reply codes that mean "authenticate first" / "credentials refused", whatever the command.
 _AUTH_CODES = frozenset({530, 534, 535, 538})
 _SERVICE_CLOSING = 421
+# A 421/451 whose text speaks of a rate is the relay asking us to slow down, not an outage
+# (Postfix "421 4.7.0 Error: too many connections", Exchange "451 4.7.500 Server busy... rate").
+_THROTTLE_CODES = frozenset({421, 451})
+_RATE_TEXT = re.compile(r"\brate\b|rate.?limit|too many|throttl", re.IGNORECASE)
 # Postfix, Exim, Sendmail and most relays name their queue id in the reply to DATA.
 _QUEUED_AS = re.compile(r"queued as\s+<?([^\s<>]+?)>?(?:\s|$)", re.IGNORECASE)
 _MAX_REASON = 300
@@ -316,6 +321,8 @@ class SmtpVendor(AsyncResource):
             what = f"{where} refused recipients at RCPT TO: {detail}"
             if any(c in _AUTH_CODES for c in codes):
                 return VendorAuthError(self.name, what)
+            if any(_is_throttle(r.code, r.message) for r in exc.recipients):
+                return VendorThrottled(self.name, what)
             if any(c < 500 for c in codes):
                 return TransientVendorError(self.name, what)
             return PermanentVendorError(self.name, what)
@@ -323,6 +330,8 @@ class SmtpVendor(AsyncResource):
             what = f"{where} answered {exc.code} {self._clean(exc.message)} at {stage}"
             if exc.code in _AUTH_CODES:
                 return VendorAuthError(self.name, f"{what}: check the SMTP credentials")
+            if _is_throttle(exc.code, exc.message):
+                return VendorThrottled(self.name, what)
             if exc.code < 500:
                 return TransientVendorError(self.name, what)
             if isinstance(exc, (SMTPConnectResponseError, SMTPHeloError)) or stage == "connect":
@@ -347,6 +356,10 @@ class SmtpVendor(AsyncResource):
             # STARTTLS or AUTH demanded by our settings but not offered by the server.
             return VendorAuthError(self.name, f"{where}: {self._clean(str(exc))}: check the SMTP settings")
         return TransientVendorError(self.name, f"{where} failed at {stage}: {self._clean(str(exc))}")
+
+
+def _is_throttle(code: int, message: str) -> bool:
+    return code in _THROTTLE_CODES and bool(_RATE_TEXT.search(message))
 
 
 def _is_dead(exc: BaseException) -> bool:

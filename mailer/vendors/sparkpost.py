@@ -17,13 +17,13 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from mailer import capabilities
 from mailer.config import SparkpostSettings
 from mailer.errors import (
     PermanentVendorError,
-    TransientVendorError,
-    UnsupportedByVendor,
     VendorAuthError,
     VendorError,
+    VendorThrottled,
 )
 from mailer.models import MAIL_ID_HEADER, Address, Email
 from mailer.vendors._http import HttpVendor
@@ -66,18 +66,13 @@ class SparkpostVendor(HttpVendor):
         if any(str(e.get("code")) == UNVERIFIED_DOMAIN for e in _errors(payload)):
             return VendorAuthError(self.name, f"{message} (verify the sending domain in SparkPost)")
         if status == 420:  # SparkPost's own "sending limit exceeded" (hourly, daily, sandbox)
-            return TransientVendorError(self.name, message, retry_after=retry_after)
+            return VendorThrottled(self.name, message, retry_after=retry_after)
         return None
 
     def payload(self, email: Email, mail_id: str) -> dict[str, Any]:
         metadata: dict[str, Any] = dict(email.metadata)
+        capabilities.enforce(capabilities.sparkpost, self.name, email)
         if email.tags:
-            if "tags" in metadata:
-                raise UnsupportedByVendor(
-                    self.name,
-                    "metadata key 'tags' is taken; SparkPost carries the mail's tags under it "
-                    "(another vendor can send it, or rename the key)",
-                )
             metadata["tags"] = list(email.tags)
         header_to = ", ".join(str(a) for a in email.to)
         recipients = [

@@ -19,6 +19,7 @@ from mailer.errors import (
     UnsupportedByVendor,
     VendorAuthError,
     VendorConfigError,
+    VendorThrottled,
 )
 from mailer.models import MAIL_ID_HEADER, Email, parse_email
 from mailer.vendors.amazon import METADATA_HEADER, AmazonVendor
@@ -251,6 +252,32 @@ async def test_error_codes_map_after_exactly_one_attempt(
     assert code in str(info.value) and answer.body["message"] in str(info.value)
     if isinstance(info.value, TransientVendorError):
         assert info.value.ambiguous is ambiguous
+
+
+THROTTLES = [
+    (ses_error(429, "TooManyRequestsException", "Too many requests"), VendorThrottled),
+    (ses_error(400, "Throttling", "Maximum sending rate exceeded."), VendorThrottled),
+    (ses_error(400, "ThrottlingException", "Maximum sending rate exceeded."), VendorThrottled),
+    (ses_error(400, "MessageRejected", "Maximum sending rate exceeded."), VendorThrottled),
+    # The daily quota is gone for hours: an outage of the vendor, not a short pause.
+    (ses_error(400, "Throttling", "Daily message quota exceeded."), TransientVendorError),
+    (ses_error(400, "MessageRejected", "Daily message quota exceeded."), TransientVendorError),
+    (ses_error(503, "ServiceUnavailable", "down"), TransientVendorError),
+]
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    THROTTLES,
+    ids=[f"{a.status}-{a.headers['x-amzn-ErrorType']}-{a.body['message'][:12]}" for a, _ in THROTTLES],
+)
+async def test_throttling_is_told_apart_from_an_outage(
+    fake: FakeSes, answer: Answer, expected: type[Exception]
+) -> None:
+    fake.action = answer
+    with pytest.raises(TransientVendorError) as info:
+        await send_to(fake)
+    assert type(info.value) is expected
 
 
 async def test_retry_after_is_passed_on(fake: FakeSes) -> None:

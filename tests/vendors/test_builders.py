@@ -301,3 +301,62 @@ def test_smtp_carries_metadata_in_the_shared_header() -> None:
     mail = parse_email({**BASE, "metadata": {"order": 7, "note": "Zoë"}})
     raw = message_bytes(build_message(mail, MAIL_ID, extra_headers=metadata_headers(mail.metadata)))
     assert b'X-Mailer-Metadata: {"order":7,"note":"Zo\\u00eb"}\r\n' in raw
+
+
+# --- one source of truth: the limits the producer checks are the ones the adapters enforce ---
+
+
+def build_request(vendors: dict[str, Any], name: str, mail: Email) -> object:
+    """The adapter's request for ``mail``, built with no network (or UnsupportedByVendor)."""
+    if name == "amazon":
+        return vendors["amazon"]._request(mail, MAIL_ID)
+    if name == "mailgun":
+        return vendors["mailgun"].request_parts(mail, MAIL_ID)
+    return vendors[name].payload(mail, MAIL_ID)
+
+
+def adapter_refuses(vendors: dict[str, Any], name: str, mail: Email) -> bool:
+    try:
+        build_request(vendors, name, mail)
+    except UnsupportedByVendor:
+        return True
+    return False
+
+
+def test_the_declared_limits_are_exactly_what_each_adapter_refuses(vendors: dict[str, Any]) -> None:
+    """For every generated mail and every vendor with declared limits, the edge's check and the
+    adapter agree: the producer never refuses what an adapter would carry, nor lets through
+    (when every enabled vendor has declared limits) what all of them would refuse."""
+    from mailer.capabilities import LIMITS
+
+    assert set(LIMITS) == {"amazon", "mailgun", "sendinblue", "sparkpost"}  # smtp: the relay decides
+    refused = dict.fromkeys(LIMITS, 0)
+    for mail in MAIL_LIST:
+        for name, check in LIMITS.items():
+            declared = check(mail) is not None
+            assert declared == adapter_refuses(vendors, name, mail), (name, mail.tags, mail.reply_to)
+            refused[name] += declared
+    assert all(refused.values()), refused  # each limit was reached by some generated mail
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "field"),
+    [
+        ("mailgun", {"tags": ["a", "b", "c", "d"]}, "tags"),
+        ("sendinblue", {"reply_to": ["a@example.com", "b@example.com"]}, "reply_to"),
+        ("sparkpost", {"tags": ["t"], "metadata": {"tags": "mine"}}, "metadata"),
+        ("amazon", {"cc": "ñandú@example.com"}, "cc"),
+    ],
+)
+def test_each_refusal_names_the_field_and_the_adapter_gives_the_same_reason(
+    vendors: dict[str, Any], name: str, changes: dict[str, Any], field: str
+) -> None:
+    from mailer.capabilities import LIMITS
+
+    mail = parse_email({**BASE, **changes})
+    refusal = LIMITS[name](mail)
+    assert refusal is not None and refusal.field == field, refusal
+    with pytest.raises(UnsupportedByVendor) as info:
+        build_request(vendors, name, mail)
+    assert refusal.reason in info.value.reason, (refusal.reason, info.value.reason)
+    assert LIMITS[name](parse_email(BASE)) is None

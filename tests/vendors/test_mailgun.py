@@ -18,6 +18,7 @@ from mailer.errors import (
     UnsupportedByVendor,
     VendorAuthError,
     VendorError,
+    VendorThrottled,
 )
 from mailer.vendors._http import default_error, parse_retry_after, transport_error
 from mailer.vendors.base import Vendor
@@ -119,7 +120,7 @@ ERRORS: list[tuple[Action, type[VendorError], float | None, bool]] = [
     (Reply(402, {"message": "Domain disabled: billing"}), VendorAuthError, None, False),
     (Reply(403, {"message": "Domain is not allowed to send"}), VendorAuthError, None, False),
     (Reply(404, {"message": "Domain not found: mg.example.com"}), VendorAuthError, None, False),
-    (Reply(429, {"message": "Too many requests"}, {"Retry-After": "7"}), TransientVendorError, 7.0, False),
+    (Reply(429, {"message": "Too many requests"}, {"Retry-After": "7"}), VendorThrottled, 7.0, False),
     (Reply(500, {"message": "Internal Server Error"}), TransientVendorError, None, False),
     (Drop(), TransientVendorError, None, True),
 ]
@@ -256,6 +257,7 @@ def test_default_status_map() -> None:
 
     assert [kind(s) for s in (400, 409, 413, 422)] == ["PermanentVendorError"] * 4
     assert [kind(s) for s in (301, 401, 403, 404, 405)] == ["VendorAuthError"] * 5
-    assert [kind(s) for s in (429, 500, 502, 503)] == ["TransientVendorError"] * 4
+    assert kind(429) == "VendorThrottled"  # slow down, not an outage
+    assert [kind(s) for s in (500, 502, 503)] == ["TransientVendorError"] * 3
     assert kind(504) == "TransientVendorError?"
     assert isinstance(transport_error("v", httpx.UnsupportedProtocol("ftp")), VendorAuthError)

@@ -16,6 +16,7 @@ from mailer.errors import (
     UnsupportedByVendor,
     VendorAuthError,
     VendorError,
+    VendorThrottled,
 )
 from mailer.vendors.base import Vendor
 from mailer.vendors.sendinblue import SendinblueVendor
@@ -123,7 +124,7 @@ ERRORS: list[tuple[Action, type[VendorError], float | None, bool]] = [
     (brevo_error(400, "account_under_validation", "Account under validation"), VendorAuthError, None, False),
     (
         brevo_error(429, "too_many_requests", "Rate limit", **{"Retry-After": "3"}),
-        TransientVendorError,
+        VendorThrottled,
         3.0,
         False,
     ),

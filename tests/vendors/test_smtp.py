@@ -18,7 +18,13 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from pydantic import SecretStr
 
 from mailer.config import SmtpSettings
-from mailer.errors import PermanentVendorError, TransientVendorError, UnsupportedByVendor, VendorAuthError
+from mailer.errors import (
+    PermanentVendorError,
+    TransientVendorError,
+    UnsupportedByVendor,
+    VendorAuthError,
+    VendorThrottled,
+)
 from mailer.models import MAIL_ID_HEADER, Email, parse_email
 from mailer.vendors.base import Vendor
 from mailer.vendors.smtp import SmtpVendor
@@ -238,6 +244,9 @@ async def test_recipient_refusals(
     [
         ("553 5.7.1 sender rejected", PermanentVendorError),
         ("451 4.3.0 local problem", TransientVendorError),
+        ("451 4.7.1 too many messages, slow down", VendorThrottled),
+        ("451 4.7.0 rate limit exceeded", VendorThrottled),
+        ("450 4.7.1 too many messages", TransientVendorError),
         ("530 5.7.0 authentication required", VendorAuthError),
     ],
 )
@@ -247,8 +256,9 @@ async def test_sender_refusals(
     handler, controller = relay
     handler.mail_replies.append(reply)
     async with SmtpVendor(settings_for(controller)) as vendor:
-        with pytest.raises(expected, match=reply.split()[0]):
+        with pytest.raises(expected, match=reply.split()[0]) as info:
             await vendor.send(make_email(), "sender")
+    assert type(info.value) is expected
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from mailer.errors import (
     UnsupportedByVendor,
     VendorAuthError,
     VendorError,
+    VendorThrottled,
 )
 from mailer.vendors.base import Vendor
 from mailer.vendors.sparkpost import SparkpostVendor
@@ -152,11 +153,11 @@ ERRORS: list[tuple[Action, type[VendorError], float | None, bool]] = [
     (sp_error(403, "1100", "permission denied"), VendorAuthError, None, False),
     (
         sp_error(420, "2102", "Exceed Sending Limit (daily)", **{"Retry-After": "60"}),
-        TransientVendorError,
+        VendorThrottled,
         60.0,
         False,
     ),
-    (sp_error(429, "1902", "Too many requests"), TransientVendorError, None, False),
+    (sp_error(429, "1902", "Too many requests"), VendorThrottled, None, False),
     (sp_error(503, "1900", "Service Unavailable"), TransientVendorError, None, False),
     (sp_error(500, "1500", "Internal error"), TransientVendorError, None, False),
     (Drop(), TransientVendorError, None, True),
