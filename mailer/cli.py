@@ -17,8 +17,11 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from pymongo.errors import PyMongoError
 
 from mailer.beanstalk import Beanstalk
 from mailer.cmdline import (
@@ -26,6 +29,7 @@ from mailer.cmdline import (
     EXIT_OK,
     CommandParser,
     UsageError,
+    add_log_format,
     add_version,
     count,
     parse_args,
@@ -33,10 +37,12 @@ from mailer.cmdline import (
     run_guarded,
 )
 from mailer.config import DEFAULT_CONFIG_FILE, Settings, load_settings
+from mailer.errors import MailerError
 from mailer.logs import setup_logging
 from mailer.models import MailRecord, Status
 from mailer.producer import Producer
 from mailer.requeue import sweep
+from mailer.routing import THROTTLE_PREFIX
 from mailer.store import MailStore
 from mailer.vendors import vendor_names
 
@@ -255,6 +261,90 @@ async def cmd_vendors(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One component's line of 'mailer check'."""
+
+    component: str
+    state: str  # ok, warn or FAIL
+    detail: str
+
+
+async def _check_beanstalkd(settings: Settings) -> Check:
+    b = settings.beanstalkd
+    where = f"{b.host}:{b.port}"
+    try:
+        async with _queue(settings) as queue:
+            tubes = await queue.list_tubes()
+            stats = await queue.stats_tube(b.tube) if b.tube in tubes else {}
+    except (MailerError, OSError) as exc:
+        return Check("beanstalkd", "FAIL", f"{where} does not answer ({exc}); 'make services' starts it")
+    jobs = ", ".join(
+        f"{s} {stats.get(f'current-jobs-{s}', 0)}" for s in ("ready", "reserved", "delayed", "buried")
+    )
+    return Check("beanstalkd", "ok", f"{where}, tube {b.tube}: {jobs}")
+
+
+def _check_vendors(settings: Settings, marks: dict[str, tuple[float, str]], now: float) -> list[Check]:
+    names = vendor_names(settings)
+    down = {n for n in names if marks.get(n, (0.0, ""))[0] > now}
+    mode = "real" if settings.production else "simulated"
+    lines = []
+    for name in names:
+        until, reason = marks.get(name, (0.0, ""))
+        if name not in down:
+            lines.append(Check(f"vendor {name}", "ok", f"{mode}, available"))
+            continue
+        state = "FAIL" if down == set(names) else "warn"
+        kind = "throttled" if reason.startswith(THROTTLE_PREFIX) else "unavailable"
+        lines.append(
+            Check(f"vendor {name}", state, f"{mode}, {kind} for {until - now:.0f} s more ({reason})")
+        )
+    return lines
+
+
+def _check_consumers(settings: Settings, live: list[dict[str, Any]], now: float) -> Check:
+    tube = settings.beanstalkd.tube
+    if not live:
+        window = 3 * settings.consumer.heartbeat_s
+        return Check("consumers", "FAIL", f"none of tube {tube} seen in the last {window:.0f} s")
+    seen = ", ".join(f"{d['_id']} ({now - float(d['seen']):.0f} s ago)" for d in live)
+    return Check("consumers", "ok", f"{len(live)} live on tube {tube}: {seen}")
+
+
+async def _check_store(settings: Settings) -> list[Check]:
+    m = settings.mongodb
+    now = time.time()
+    try:
+        async with MailStore(settings) as store:
+            took = await store.ping()
+            marks = await store.vendor_marks()
+            since = now - 3 * settings.consumer.heartbeat_s
+            live = await store.live_consumers(settings.beanstalkd.tube, seen_since=since)
+    except (MailerError, PyMongoError) as exc:
+        # The type only: a driver message may quote the URI, which may hold a password.
+        reason = type(exc).__name__
+        return [
+            Check("mongodb", "FAIL", f"does not answer ({reason}); check mongodb.uri and the server"),
+            Check("vendors", "FAIL", "marks unknown: MongoDB does not answer"),
+            Check("consumers", "FAIL", "heartbeats unknown: MongoDB does not answer"),
+        ]
+    ok = Check("mongodb", "ok", f"collection {m.collection}, ping {took * 1000:.1f} ms")
+    return [ok, *_check_vendors(settings, marks, now), _check_consumers(settings, live, now)]
+
+
+async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    checks = [await _check_beanstalkd(settings), *await _check_store(settings)]
+    healthy = all(c.state != "FAIL" for c in checks)
+    if args.json:
+        _print_json({"ok": healthy, "checks": [asdict(c) for c in checks]})
+    else:
+        width = max(len(c.component) for c in checks)
+        for c in checks:
+            print(f"{c.component:<{width}}  {c.state:<4}  {c.detail}")
+    return EXIT_OK if healthy else EXIT_FAILURE
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -269,6 +359,7 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--test", action="store_true", help="use the [test] tube and collections")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) on stderr")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_log_format(common)
     return common
 
 
@@ -367,6 +458,17 @@ def _add_operations(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     v.set_defaults(func=cmd_vendors)
 
+    ch = sub.add_parser(
+        "check",
+        parents=[common],
+        help="one line per component; exit 0 if all is well, else 1",
+        description="Check beanstalkd, MongoDB, each vendor's mark and the live consumers of the "
+        "tube (by their heartbeats, seen within 3 consumer.heartbeat_s). One line each, 'ok' or "
+        "'FAIL' (a marked vendor while another is available: 'warn'); exit 1 on any FAIL, for "
+        "scripts and probes.",
+    )
+    ch.set_defaults(func=cmd_check)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
@@ -394,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
-    setup_logging(logging.INFO if args.verbose else logging.WARNING)
+    setup_logging(logging.INFO if args.verbose else logging.WARNING, fmt=args.log_format)
     return run_guarded(f"mailer {args.command}", lambda: _run(args))
 
 

@@ -21,6 +21,7 @@ from pymongo.errors import ConfigurationError, PyMongoError
 from mailer import __version__
 from mailer.config import DEFAULT_CONFIG_FILE, ENVIRONMENTS
 from mailer.errors import ConfigError, MailerError, VendorConfigError
+from mailer.logs import FORMATS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -94,6 +95,16 @@ def count(minimum: int) -> Callable[[str], int]:
 def add_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
+    )
+
+
+def add_log_format(parser: argparse.ArgumentParser) -> None:
+    """``--log-format text|json``, the same on every console script."""
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text for a terminal, json for a log shipper: one object per line (default: text)",
     )
 
 

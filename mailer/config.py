@@ -102,6 +102,13 @@ class ConsumerSettings(_Section):
     requeue_older_than_s: float = Field(600.0, ge=0)
     # Group commit: at most this many claims, or records, in one MongoDB write.
     commit_batch: int = Field(200, ge=1)
+    # Prometheus /metrics and /healthz (mailer-consumer --metrics-port); 0 switches them off.
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Each consumer upserts its heartbeat here this often; 'mailer check' counts as live the
+    # ones seen within 3 intervals (and of its tube).
+    heartbeat_s: float = Field(5.0, gt=0)
+    heartbeat_collection: str = Field("consumers", pattern=r"^[a-z_0-9]{1,100}$")
 
 
 class SimulationSettings(_Section):

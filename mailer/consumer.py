@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 from pymongo.errors import PyMongoError
@@ -29,16 +29,19 @@ from pymongo.errors import PyMongoError
 from mailer.beanstalk import Beanstalk, Job
 from mailer.config import Settings, load_settings
 from mailer.delivery import Action, Committer, Decision, Delivery, Ready
-from mailer.errors import BeanstalkError, MailerError, StoreUnavailable, TimedOut
+from mailer.errors import BeanstalkError, ConfigError, MailerError, NotFound, StoreUnavailable, TimedOut
 from mailer.jobs import OwnedJob
 from mailer.lifecycle import AsyncResource
 from mailer.ratelimit import RateLimiter
 from mailer.requeue import sweep
-from mailer.routing import Clock, VendorRegistry
+from mailer.routing import THROTTLE_PREFIX, Clock, VendorRegistry
 from mailer.stalls import StallWatch
 from mailer.store import MailStore
 from mailer.throughput import ThroughputMeter
 from mailer.vendors import Vendor, build_vendors
+
+if TYPE_CHECKING:
+    from mailer.metrics import ConsumerMetrics, MetricsServer
 
 log = logging.getLogger("mailer.consumer")
 
@@ -108,6 +111,7 @@ class Consumer(AsyncResource):
         )
         self.committer = Committer(self.store, batch=c.commit_batch)
         self.stalls = StallWatch()
+        self.metrics = self._new_metrics()
         self.delivery = Delivery(
             settings,
             self.store,
@@ -117,6 +121,7 @@ class Consumer(AsyncResource):
             clock=clock,
             stalls=self.stalls,
             limiter=self.limiter,
+            metrics=self.metrics,
         )
         self.meter = ThroughputMeter("Consumer", settings.throughput_interval_s)
         self.processed = 0
@@ -135,6 +140,9 @@ class Consumer(AsyncResource):
         self._last_warning = -1e9
         self._suppressed = 0
         self._outage: str | None = None  # beanstalkd unreachable since this was logged
+        self.started = time.time()
+        self._answered: dict[str, float] = {}  # server -> monotonic time it last answered the heartbeat
+        self._metrics_server: MetricsServer | None = None
 
     def __repr__(self) -> str:
         tube = self.settings.beanstalkd.tube
@@ -165,6 +173,7 @@ class Consumer(AsyncResource):
         await self.registry.start()
 
     async def close(self) -> None:
+        await self._stop_monitoring()
         for task in [*self._background, *self._extending]:
             task.cancel()
         for task in [*self._background, *self._extending]:
@@ -193,6 +202,7 @@ class Consumer(AsyncResource):
         if self.settings.measure_throughput:
             self.meter.start()
         self.stalls.start()
+        await self._start_monitoring()
         self._background.append(loop.create_task(self._keepalive()))
         if self.settings.consumer.requeue_interval_s > 0:
             self._background.append(loop.create_task(self._sweep_loop()))
@@ -215,6 +225,117 @@ class Consumer(AsyncResource):
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 log.error("a reserve loop ended with an error", exc_info=task.exception())
+
+    # --- heartbeat, metrics and health ------------------------------------------------
+
+    def _new_metrics(self) -> ConsumerMetrics | None:
+        """Metrics only when served: prometheus_client is an extra, imported here only."""
+        if not self.settings.consumer.metrics_port:
+            return None
+        try:
+            from mailer.metrics import ConsumerMetrics
+        except ImportError:  # pragma: no cover - the extra is in dev
+            raise ConfigError(
+                "consumer.metrics_port needs prometheus-client: pip install 'mailer[metrics]'"
+            ) from None
+        metrics = ConsumerMetrics()
+        metrics.watch(in_flight=lambda: self.delivery.sending(), breakers=self._breaker_states)
+        return metrics
+
+    def _breaker_states(self) -> dict[str, int]:
+        from mailer.metrics import breaker_state
+
+        now = self.registry.clock()
+        return {
+            name: breaker_state(until, reason, now, throttle_prefix=THROTTLE_PREFIX)
+            for name, (until, reason) in self.registry.snapshot().items()
+        }
+
+    async def _start_monitoring(self) -> None:
+        """The heartbeat (always: 'mailer check' counts live consumers by it) and, when a
+        metrics port is set, the /metrics and /healthz server."""
+        now = time.monotonic()
+        self._answered = {"MongoDB": now} | ({"beanstalkd": now} if self.metrics is not None else {})
+        self._background.append(asyncio.get_running_loop().create_task(self._heartbeat()))
+        if self.metrics is None:
+            return
+        from mailer.metrics import MetricsServer
+
+        c = self.settings.consumer
+        server = MetricsServer(c.metrics_host, c.metrics_port, self.metrics.scrape, self.health)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {c.metrics_host}:{c.metrics_port} ({exc.strerror or exc}): "
+                "choose another --metrics-port / consumer.metrics_port, or stop what holds it"
+            ) from None
+        self._metrics_server = server
+
+    async def _stop_monitoring(self) -> None:
+        server, self._metrics_server = self._metrics_server, None
+        if server is not None:
+            await server.close()
+        if self._answered:  # the heartbeat ran: say we are gone rather than look alive a while
+            with contextlib.suppress(PyMongoError, MailerError):
+                await self.store.drop_heartbeat(self.consumer_id)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on (the real one when 0 meant any), or None."""
+        return None if self._metrics_server is None else self._metrics_server.port
+
+    def health(self) -> str | None:
+        """None while the loops run and both servers answered lately; else what is wrong."""
+        from mailer.metrics import health_problem
+
+        running = bool(self._loops) and not self.stopping and not all(t.done() for t in self._loops)
+        within = 3 * self.settings.consumer.heartbeat_s
+        return health_problem(
+            loops_running=running, answered=self._answered, now=time.monotonic(), within_s=within
+        )
+
+    async def _heartbeat(self) -> None:
+        """Every ``heartbeat_s``: upsert this consumer's heartbeat and, with metrics, poll the
+        tube's job counts (once per interval, whatever the scrape rate)."""
+        queue = self._new_queue() if self.metrics is not None else None
+        if queue is not None:
+            self._queues.append(queue)
+        while True:
+            await self._beat()
+            if queue is not None:
+                await self._poll_queue(queue)
+            await asyncio.sleep(self.settings.consumer.heartbeat_s)
+
+    async def _beat(self) -> None:
+        try:
+            await self.store.heartbeat(
+                self.consumer_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                tube=self.settings.beanstalkd.tube,
+                started=self.started,
+            )
+        except (PyMongoError, MailerError) as exc:
+            log.warning("heartbeat not written (%s); MongoDB may be unreachable", type(exc).__name__)
+            return
+        self._answered["MongoDB"] = time.monotonic()
+
+    async def _poll_queue(self, queue: Beanstalk) -> None:
+        assert self.metrics is not None
+        try:
+            if not queue.connected:
+                await queue.close()
+                await queue.connect()
+            try:
+                stats: dict[str, Any] = await queue.stats_tube(self.settings.beanstalkd.tube)
+            except NotFound:  # no job and no watcher yet: an empty tube
+                stats = {}
+        except (MailerError, OSError) as exc:
+            log.warning("queue depth not polled (%s)", exc)
+            return
+        self.metrics.queue_depth(stats)
+        self._answered["beanstalkd"] = time.monotonic()
 
     def send_bound_s(self) -> float:
         """The longest one send can take: the slowest vendor's timeout, which each adapter
@@ -419,7 +540,11 @@ class Consumer(AsyncResource):
         try:
             if not self.stopping:
                 ahead.fill(await self._prefetch(queue))
-            if isinstance(current.prepared, Ready) and len(self._parked) < self.max_parked:
+            if (
+                isinstance(current.prepared, Ready)
+                and self.limiter.active
+                and len(self._parked) < self.max_parked
+            ):
                 waiting: asyncio.Future[Any] = asyncio.ensure_future(current.prepared.waiting.wait())
                 sending: asyncio.Future[Any] = current.sending
                 try:
@@ -587,7 +712,7 @@ class Consumer(AsyncResource):
 def _parser() -> argparse.ArgumentParser:
     # The shared edge helpers live in mailer.cli (imported here, not at the top, so that
     # importing the Consumer class does not load the operations CLI).
-    from mailer.cmdline import CommandParser, add_version, count
+    from mailer.cmdline import CommandParser, add_log_format, add_version, count
 
     p = CommandParser(
         prog="mailer-consumer",
@@ -626,6 +751,14 @@ def _parser() -> argparse.ArgumentParser:
         "--debug-third-party",
         action="store_true",
         help="let client libraries log at DEBUG too; they print credentials: only with throwaway keys",
+    )
+    add_log_format(p)
+    p.add_argument(
+        "--metrics-port",
+        type=count(0),
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus /metrics and /healthz on PORT (default: consumer.metrics_port; 0 off)",
     )
     p.add_argument("--uvloop", action="store_true", help="run on uvloop (pip install 'mailer[fast]')")
     return p
@@ -674,12 +807,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(_parser(), argv)
     if isinstance(args, int):
         return args
-    setup_logging(args.log_level, debug_third_party=args.debug_third_party)
+    setup_logging(args.log_level, debug_third_party=args.debug_third_party, fmt=args.log_format)
 
     def start() -> int:
         # Inside run_guarded: a bad configuration, MongoDB URI or credentials, an unreachable
         # server, production without vendors, each ends as one line and its exit code.
         settings = load_settings(args.config, test=args.test)
+        if args.metrics_port is not None:
+            consumer = settings.consumer.model_copy(update={"metrics_port": args.metrics_port})
+            settings = settings.model_copy(update={"consumer": consumer})
         if args.uvloop:
             try:
                 import uvloop

@@ -39,6 +39,7 @@ from mailer.errors import (
     VendorAuthError,
     VendorThrottled,
 )
+from mailer.metrics import Tally
 from mailer.models import Attempt, Email, Outcome, Status
 from mailer.ratelimit import RateLimiter
 from mailer.routing import VendorRegistry
@@ -68,6 +69,7 @@ class Decision:
     delay: int = 0
     reason: str = ""
     priority: int = 1024
+    vendor: str = ""  # the vendor that sent or refused the mail, or was tried last (the log line)
     # A sent mail's record, still being written: the job is settled only once it is done,
     # but the loop may start its next send meanwhile.
     recording: asyncio.Future[None] | None = None
@@ -109,6 +111,11 @@ class Committer:
         await self._batcher.close(within=self.store.settings.mongodb.timeout_ms / 1000 + 5)
 
 
+def _last_vendor(attempts: list[Doc]) -> str:
+    """The vendor of the latest attempt (``-``: none was tried), for counters and the log."""
+    return str(attempts[-1].get("vendor") or "-") if attempts else "-"
+
+
 def backoff_delay(rounds: int, base: float, cap: float, jitter: float = 0.0) -> float:
     """Exponential back-off: base, 2*base, 4*base, ... capped; ``jitter`` in [0, 1) shortens
     it by up to that fraction, so the mails of one outage do not all come back at once."""
@@ -132,8 +139,10 @@ class Delivery:
         stalls: StallWatch | None = None,
         limiter: RateLimiter | None = None,
         rand: Callable[[], float] = random.random,
+        metrics: Tally | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Tally()
         self.store = store
         self.registry = registry
         self.committer = committer
@@ -365,21 +374,25 @@ class Delivery:
             try:
                 result = await vendor.send(email, mail_id)
             except UnsupportedByVendor as exc:
+                self.metrics.vendor_error(vendor.name, "unsupported")
                 self.registry.released(vendor)
                 attempts.append(self._attempt(vendor.name, started, "unsupported", job, error=exc.reason))
                 continue
             except PermanentVendorError as exc:
+                self.metrics.vendor_error(vendor.name, "permanent")
+                self.metrics.failed(vendor.name)
                 self.registry.released(vendor)
                 attempts.append(self._attempt(vendor.name, started, "permanent", job, error=exc.reason))
                 await self._commit(
                     job, held, Finish(mail_id, Status.FAILED, attempts, vendor=vendor.name, error=exc.reason)
                 )
                 log.warning("mail %s refused by %s, not retried: %s", mail_id, vendor.name, exc.reason)
-                return Decision(Action.DELETE, reason="permanent", priority=held.priority)
+                return Decision(Action.DELETE, reason="permanent", priority=held.priority, vendor=vendor.name)
             except VendorThrottled as exc:
                 # Not an outage: the vendor stays in rotation after a short pause, at a lower
                 # rate, and the mail fails over (or waits) without losing a round.
                 tried = True
+                self.metrics.vendor_error(vendor.name, "throttled")
                 pause = self.registry.throttled(vendor, exc)
                 reason = f"{exc.reason} (throttled: paused {pause:.1f} s)"
                 attempts.append(self._attempt(vendor.name, started, "transient", job, error=reason))
@@ -390,6 +403,7 @@ class Delivery:
                 if isinstance(exc, TransientVendorError) and exc.ambiguous:
                     # The vendor may have accepted it: failing over may send it twice.
                     outcome = "unknown"
+                self.metrics.vendor_error(vendor.name, outcome)
                 stalled = self._stalled(t0)
                 reason = exc.reason
                 if stalled and isinstance(exc, TransientVendorError):
@@ -407,6 +421,7 @@ class Delivery:
                 raise
             except Exception as exc:  # an adapter bug, or a mail no check foresaw
                 tried = failed = True
+                self.metrics.vendor_error(vendor.name, "unknown")
                 log.exception("vendor %s raised an unexpected error for mail %s", vendor.name, mail_id)
                 reason = f"unexpected {type(exc).__name__}: {str(exc)[:200]}"
                 attempts.append(self._attempt(vendor.name, started, "unknown", job, error=reason))
@@ -414,7 +429,9 @@ class Delivery:
                 continue
             finally:
                 held.sending_since = None
+                self.metrics.vendor_call(vendor.name, self.monotonic() - t0)
             self.registry.succeeded(vendor)
+            self.metrics.sent(vendor.name, doc.get("created_at"))
             attempts.append(self._attempt(vendor.name, started, "sent", job, message_id=result.message_id))
             # Sent: from here on nothing may cancel the record, or the mail would go twice. It
             # is written in a task of its own; ``settle`` waits for it before the delete.
@@ -425,11 +442,14 @@ class Delivery:
                     Finish(mail_id, Status.SENT, attempts, vendor=vendor.name, message_id=result.message_id),
                 )
             )
-            return Decision(Action.DELETE, reason="sent", recording=recording, priority=held.priority)
+            return Decision(
+                Action.DELETE, reason="sent", recording=recording, priority=held.priority, vendor=vendor.name
+            )
         refusals = self._refusals(attempts)
         if refusals is not None:
             await self._commit(job, held, Finish(mail_id, Status.FAILED, attempts, error=refusals))
             log.warning("mail %s failed: %s", mail_id, refusals)
+            self.metrics.failed(_last_vendor(attempts))
             return Decision(Action.DELETE, reason="unsupported", priority=held.priority)
         return await self._retry_later(job, held, mail_id, attempts, rounds, tried, failed)
 
@@ -473,7 +493,10 @@ class Delivery:
             error = f"gave up after {rounds} rounds: {last_error or 'no vendor available'}"
             await self._commit(job, held, Finish(mail_id, Status.FAILED, attempts, error=error))
             log.error("mail %s failed: %s", mail_id, error)
-            return Decision(Action.BURY, reason="max attempts", priority=priority)
+            self.metrics.failed(_last_vendor(attempts))
+            return Decision(
+                Action.BURY, reason="max attempts", priority=priority, vendor=_last_vendor(attempts)
+            )
         delay = backoff_delay(rounds, c.backoff_base_s, c.backoff_cap_s, jitter=self.rand())
         # No point coming back before a vendor can take it again.
         delay = min(max(delay, self.registry.next_available_at() - now), max(c.backoff_cap_s, 0.0))
@@ -483,7 +506,10 @@ class Delivery:
             held,
             Finish(mail_id, Status.RETRYING, attempts, error=last_error, next_attempt_ts=now + delay_s),
         )
-        return Decision(Action.RELEASE, delay=delay_s, reason="retry", priority=priority)
+        self.metrics.retried(_last_vendor(attempts))
+        return Decision(
+            Action.RELEASE, delay=delay_s, reason="retry", priority=priority, vendor=_last_vendor(attempts)
+        )
 
     async def _not_counted(
         self,
@@ -506,7 +532,14 @@ class Delivery:
             extra={"rounds": rounds - 1},
         )
         await self._commit(job, held, finish)
-        return Decision(Action.RELEASE, delay=delay, reason="not counted", priority=held.priority)
+        self.metrics.retried(_last_vendor(attempts))
+        return Decision(
+            Action.RELEASE,
+            delay=delay,
+            reason="not counted",
+            priority=held.priority,
+            vendor=_last_vendor(attempts),
+        )
 
     def _attempt(
         self,

@@ -29,7 +29,7 @@ log = logging.getLogger("mailer.jobs")
 class OwnedJob:
     """A reserved job, its reserving connection, and the delivery that decides its fate."""
 
-    __slots__ = ("delivery", "job", "oid", "queue", "started", "touched")
+    __slots__ = ("delivery", "job", "monotonic", "oid", "queue", "started", "touched")
 
     def __init__(
         self,
@@ -43,6 +43,7 @@ class OwnedJob:
         self.queue = queue
         self.delivery = delivery
         self.oid: ObjectId | None = parse_mail_id(job.body)
+        self.monotonic = monotonic
         self.started = self.touched = monotonic()
 
     def __repr__(self) -> str:
@@ -100,6 +101,32 @@ class OwnedJob:
             log.info("job %s is no longer reserved by this consumer; leaving it to its new owner", job.id)
         finally:
             self.delivery.forget(job)
+        self._log_settled(decision)
+
+    def _log_settled(self, decision: Decision) -> None:
+        """The one INFO line per settled mail: ids, vendor, outcome and time since reserve;
+        never recipients or bodies (INFO goes to shared log stores)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        ms = round((self.monotonic() - self.started) * 1000, 1)
+        vendor = decision.vendor or "-"
+        fields = {
+            "mail_id": str(self.oid),
+            "job_id": self.job.id,
+            "vendor": vendor,
+            "outcome": decision.reason,
+        }
+        fields |= {"action": decision.action.value, "ms": ms}
+        log.info(
+            "mail %s job %s: %s via %s, %s, %.1f ms",
+            self.oid,
+            self.job.id,
+            decision.reason or decision.action.value,
+            vendor,
+            decision.action.value,
+            ms,
+            extra=fields,
+        )
 
     async def _reserved_before(self) -> bool:
         try:

@@ -143,6 +143,12 @@ class RateLimiter:
         if self.store is not None and any(g.limit is not None for g in self._gates.values()):
             await self.store.ensure_rate_indexes()
 
+    @property
+    def active(self) -> bool:
+        """Whether any vendor is limited now (configured, or for a while after a throttle):
+        when none is, a send never waits for a token and its loop need not watch for it."""
+        return any(g.limit is not None or g.temporary is not None for g in self._gates.values())
+
     # --- the send path -----------------------------------------------------------------
 
     def rate(self, name: str, now: float | None = None) -> float | None:

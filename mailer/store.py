@@ -696,6 +696,36 @@ class MailStore(AsyncResource):
         )
         return result.modified_count == 1
 
+    # --- health: heartbeats of running consumers, and a ping (mailer check, /healthz) ---
+
+    @property
+    def consumers(self) -> AsyncCollection[Doc]:
+        """One small document per running consumer process, upserted by its heartbeat."""
+        return self.vendor_status.database[self.settings.consumer.heartbeat_collection]
+
+    async def heartbeat(self, consumer_id: str, *, host: str, pid: int, tube: str, started: float) -> None:
+        """Say this consumer is alive now (epoch ``seen``); creates its document on first use."""
+        await self.consumers.update_one(
+            {"_id": consumer_id},
+            {"$set": {"host": host, "pid": pid, "tube": tube, "started": started, "seen": time.time()}},
+            upsert=True,
+        )
+
+    async def drop_heartbeat(self, consumer_id: str) -> None:
+        """A consumer that stops says so, rather than look alive for three more intervals."""
+        await self.consumers.delete_one({"_id": consumer_id})
+
+    async def live_consumers(self, tube: str, *, seen_since: float) -> list[Doc]:
+        """The consumers of ``tube`` whose heartbeat is at least as recent as ``seen_since``."""
+        where = {"tube": {"$eq": tube}, "seen": {"$gte": seen_since}}
+        return [doc async for doc in self.consumers.find(where).sort("_id", 1)]
+
+    async def ping(self) -> float:
+        """One round trip to the server; returns its seconds (raises the driver's error)."""
+        t0 = time.monotonic()
+        await self.mails.database.command("ping")
+        return time.monotonic() - t0
+
 
 def to_record(doc: Doc) -> MailRecord:
     """The stored document as the public record model."""

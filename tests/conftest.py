@@ -80,6 +80,7 @@ async def make_settings(base_settings: Settings) -> AsyncIterator[MakeSettings]:
         async with MailStore(settings) as store:
             await store.mails.drop()
             await store.vendor_status.drop()
+            await store.consumers.delete_many({"tube": settings.beanstalkd.tube})
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 from conftest import drain_tube
-from helpers import consumer_env, produce, running_consumer
+from helpers import consumer_env, produce, running_consumer, wait_until
 
 from mailer import cli
 from mailer.config import Settings
@@ -329,3 +329,42 @@ async def test_cancel_a_queued_mail_then_too_late_and_unknown(
     for unknown in ("0123456789abcdef01234567", "not-an-id"):
         rc, out, err = await mailer(capsys, "cancel", "--test", unknown)
         assert (rc, out) == (1, "") and "no mail with id" in one_line(err)
+
+
+# --- mailer check ---------------------------------------------------------------------------
+
+
+async def test_check_fails_without_a_live_consumer_and_passes_with_one(
+    cli_env: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, _ = await mailer(capsys, "check", "--test")
+    lines = dict(line.split(None, 1) for line in out.splitlines() if not line.startswith("vendor"))
+    assert rc == 1 and lines["beanstalkd"].startswith("ok") and lines["mongodb"].startswith("ok")
+    assert lines["consumers"].startswith("FAIL")
+    async with running_consumer(cli_env, [FakeVendor("amazon")], concurrency=1) as consumer:
+        async with MailStore(cli_env) as store:
+            tube = cli_env.beanstalkd.tube
+            await wait_until(lambda: store.live_consumers(tube, seen_since=0), within=10, what="a heartbeat")
+        rc, out, _ = await mailer(capsys, "check", "--test", "--json")
+    report = json.loads(out)
+    assert rc == 0 and report["ok"] is True, report
+    consumers = next(c for c in report["checks"] if c["component"] == "consumers")
+    assert consumer.consumer_id in consumers["detail"]
+
+
+async def test_check_says_fail_for_an_unreachable_mongodb(
+    cli_env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAILER_MONGODB__URI", f"mongodb://{PASSWORD}:{PASSWORD}@127.0.0.1:1/x")
+    monkeypatch.setenv("MAILER_MONGODB__TIMEOUT_MS", "300")
+    rc, out, err = await mailer(capsys, "check", "--test")
+    assert rc == 1 and "mongodb" in out and "FAIL" in out and PASSWORD not in out + err
+
+
+def test_every_process_takes_log_format() -> None:
+    from mailer.service.server import _parser as api_parser
+
+    consumer_args = consumer_parser().parse_args(["--log-format", "json", "--metrics-port", "9108"])
+    assert (consumer_args.log_format, consumer_args.metrics_port) == ("json", 9108)
+    assert api_parser().parse_args(["--log-format", "json"]).log_format == "json"
+    assert cli.build_parser().parse_args(["check", "--log-format", "json"]).log_format == "json"

@@ -716,3 +716,29 @@ async def test_cancel_and_claim_race_one_wins(store: MailStore) -> None:
         assert won_claim != (cancel is Status.CANCELLED), mail_id
         final = (await store.get(mail_id)).status
         assert final is (Status.SENDING if won_claim else Status.CANCELLED)
+
+
+async def test_heartbeats_round_trip_and_live_means_recent_and_of_the_tube(settings: Settings) -> None:
+    settings = settings.model_copy(
+        update={
+            "consumer": settings.consumer.model_copy(
+                update={"heartbeat_collection": f"consumers_{ObjectId()}"}
+            )
+        }
+    )
+    async with MailStore(settings) as store:
+        try:
+            assert await store.ping() >= 0
+            before = time.time()
+            await store.heartbeat("h:1:a", host="h", pid=1, tube="t1", started=before)
+            await store.heartbeat("h:2:b", host="h", pid=2, tube="t2", started=before)
+            await store.heartbeat("h:1:a", host="h", pid=1, tube="t1", started=before)  # an upsert
+            live = await store.live_consumers("t1", seen_since=before)
+            assert [(d["_id"], d["host"], d["pid"], d["tube"]) for d in live] == [("h:1:a", "h", 1, "t1")]
+            assert live[0]["started"] == pytest.approx(before, abs=1e-3)  # the local server keeps ~us
+            assert live[0]["seen"] >= before - 1e-3
+            assert await store.live_consumers("t1", seen_since=time.time() + 60) == []
+            await store.drop_heartbeat("h:1:a")
+            assert await store.live_consumers("t1", seen_since=0) == []
+        finally:
+            await store.consumers.drop()

@@ -15,6 +15,7 @@ from mailer.models import Email
 from mailer.producer import Producer
 from mailer.service import problems
 from mailer.service.auth import KeyRing
+from mailer.service.metrics import ApiMetrics, MetricsMiddleware, scrape
 from mailer.service.routes import REF, api, probes
 
 DESCRIPTION = (
@@ -81,5 +82,8 @@ def create_app(settings: Settings, *, producer: Producer | None = None) -> Maile
     problems.install(app, retry_after_s=settings.api.retry_after_s)
     app.include_router(api)
     app.include_router(probes)
+    app.include_router(scrape)
+    app.state.metrics = ApiMetrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
     return app

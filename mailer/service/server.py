@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from mailer.cmdline import CommandParser, add_version, count, parse_args, run_guarded
+from mailer.cmdline import CommandParser, add_log_format, add_version, count, parse_args, run_guarded
 from mailer.config import DEFAULT_CONFIG_FILE, Settings, load_settings
 from mailer.errors import ConfigError
 from mailer.logs import setup_logging
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="mailer-api",
         description="Serve the HTTP API: POST /v1/emails, /v1/emails/batch, GET and DELETE "
-        "/v1/emails/ID, /v1/health, /v1/ready; the schema at /openapi.json, docs at /docs.",
+        "/v1/emails/ID, /v1/health, /v1/ready, /metrics; the schema at /openapi.json, docs at /docs.",
     )
     add_version(p)
     p.add_argument(
@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING or ERROR, any case (default: INFO)",
     )
+    p.add_argument(
+        "--debug-third-party",
+        action="store_true",
+        help="let client libraries (pymongo, uvicorn's parsers) log at DEBUG too: they print whole requests",
+    )
+    add_log_format(p)
     return p
 
 
@@ -96,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(_parser(), argv)
     if isinstance(args, int):
         return args
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, debug_third_party=args.debug_third_party, fmt=args.log_format)
 
     def start() -> int:
         settings = load_settings(args.config, test=args.test)

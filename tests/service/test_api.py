@@ -316,3 +316,19 @@ def test_console_script_version_and_production_error(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "[api] keys" in done.stderr
+
+
+async def test_metrics_need_the_key_and_count_requests_by_route_and_status(
+    client: httpx.AsyncClient,
+) -> None:
+    assert (await client.get("/v1/emails/" + "0" * 24)).status_code == 404
+    assert (await client.get("/v1/health")).status_code == 200
+    anonymous = await client.get("/metrics", headers={"Authorization": ""})
+    assert anonymous.status_code == 401
+    page = await client.get("/metrics")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    text = page.text
+    assert 'mailer_api_requests_total{method="GET",route="/v1/emails/{mail_id}",status="404"} 1.0' in text
+    assert 'mailer_api_requests_total{method="GET",route="/metrics",status="401"} 1.0' in text
+    assert 'mailer_api_request_seconds_count{route="/v1/health"} 1.0' in text
+    assert "0" * 24 not in text  # labelled by the route's template, never the raw path
