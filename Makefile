@@ -19,7 +19,7 @@ help:
 	@echo "make bench          the benchmark matrix -> bench/results.json + bench/results.md"
 	@echo "make faults         the fault scenarios with their figures table"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@if [ ! -x "$(PY)" ]; then \
 	  python3 -m venv $(VENV) 2>/dev/null || { \
 	    echo "installing python3-venv (apt-get)"; \
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	    rm -rf $(VENV) && python3 -m venv $(VENV); }; \
 	fi
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,fast]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,fast]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
