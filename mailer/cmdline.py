@@ -98,6 +98,26 @@ def add_version(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_logging(parser: argparse.ArgumentParser, *, third_party: str) -> None:
+    """``-l/--log-level``, ``--debug-third-party`` and ``--log-format``, the same on every
+    long-running process; ``third_party`` says what those libraries would print."""
+    parser.add_argument(
+        "-l",
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR, any case (default: INFO)",
+    )
+    parser.add_argument(
+        "--debug-third-party",
+        action="store_true",
+        help=f"let client libraries log at DEBUG too: {third_party}",
+    )
+    add_log_format(parser)
+
+
 def add_log_format(parser: argparse.ArgumentParser) -> None:
     """``--log-format text|json``, the same on every console script."""
     parser.add_argument(

@@ -712,7 +712,7 @@ class Consumer(AsyncResource):
 def _parser() -> argparse.ArgumentParser:
     # The shared edge helpers live in mailer.cli (imported here, not at the top, so that
     # importing the Consumer class does not load the operations CLI).
-    from mailer.cmdline import CommandParser, add_log_format, add_version, count
+    from mailer.cmdline import CommandParser, add_logging, add_version, count
 
     p = CommandParser(
         prog="mailer-consumer",
@@ -738,21 +738,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="configuration file (default: $MAILER_CONFIG, else ./mailer.toml if present)",
     )
-    p.add_argument(
-        "-l",
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        metavar="LEVEL",
-        help="DEBUG, INFO, WARNING or ERROR, any case (default: INFO)",
-    )
-    p.add_argument(
-        "--debug-third-party",
-        action="store_true",
-        help="let client libraries log at DEBUG too; they print credentials: only with throwaway keys",
-    )
-    add_log_format(p)
+    add_logging(p, third_party="they print credentials: only with throwaway keys")
     p.add_argument(
         "--metrics-port",
         type=count(0),

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from mailer.cmdline import CommandParser, add_log_format, add_version, count, parse_args, run_guarded
+from mailer.cmdline import CommandParser, add_logging, add_version, count, parse_args, run_guarded
 from mailer.config import DEFAULT_CONFIG_FILE, Settings, load_settings
 from mailer.errors import ConfigError
 from mailer.logs import setup_logging
@@ -40,21 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="store_true", help="use the [test] tube and collections")
     p.add_argument("--host", default=None, help="listen address (default: [api] host, 127.0.0.1)")
     p.add_argument("--port", type=count(1), default=None, help="listen port (default: [api] port, 8025)")
-    p.add_argument(
-        "-l",
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        metavar="LEVEL",
-        help="DEBUG, INFO, WARNING or ERROR, any case (default: INFO)",
-    )
-    p.add_argument(
-        "--debug-third-party",
-        action="store_true",
-        help="let client libraries (pymongo, uvicorn's parsers) log at DEBUG too: they print whole requests",
-    )
-    add_log_format(p)
+    add_logging(p, third_party="they print whole requests")
     return p
 
 
