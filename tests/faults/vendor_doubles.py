@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from vendors.http_doubles import (
     SPARKPOST_KEY,
     BrevoDouble,
     HttpDouble,
+    LoopbackServer,
     MailgunDouble,
     RecordedRequest,
     Reply,
@@ -66,7 +66,7 @@ class Send:
         return self.answered_at or self.hung_up_at
 
 
-class CountingVendor:
+class CountingVendor(LoopbackServer):
     """One vendor's HTTP API on 127.0.0.1 that takes ``latency_s`` to decide and, with
     ``trickle_s``, writes its answer one byte every ``trickle_s`` seconds."""
 
@@ -78,6 +78,7 @@ class CountingVendor:
         trickle_s: float | None = None,
         accept_on: AcceptOn = "processed",
     ) -> None:
+        super().__init__()
         self.kind = kind
         self.latency_s = latency_s
         self.trickle_s = trickle_s
@@ -86,10 +87,6 @@ class CountingVendor:
                                     "sparkpost": SparkpostDouble}[kind]()  # fmt: skip
         self.sends: list[Send] = []
         self.problems: list[str] = []  # requests the vendor would have refused
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._connections = itertools.count(1)
-        self.port = 0
 
     def __repr__(self) -> str:
         return f"<CountingVendor {self.kind} :{self.port} {len(self.sends)} sends>"
@@ -129,19 +126,6 @@ class CountingVendor:
         return sum(1 for s in self.sends if s.ended_at is None)
 
     # --- the server --------------------------------------------------------------------
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -130,16 +130,40 @@ def _parse_multipart(body: bytes, boundary: bytes) -> list[FormPart]:
     return parts
 
 
-class HttpDouble:
-    """The server and its recording; subclasses add the vendor's checks and answers."""
+class LoopbackServer:
+    """An asyncio server on a free 127.0.0.1 port whose connection tasks die with ``stop``;
+    subclasses implement ``_serve`` (which adds its task to ``_tasks``)."""
 
     def __init__(self) -> None:
-        self.requests: list[RecordedRequest] = []
-        self._script: deque[Action] = deque()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._connections = itertools.count(1)
         self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class HttpDouble(LoopbackServer):
+    """The server and its recording; subclasses add the vendor's checks and answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[RecordedRequest] = []
+        self._script: deque[Action] = deque()
 
     @property
     def base_url(self) -> str:
@@ -155,19 +179,6 @@ class HttpDouble:
 
     def success(self, request: RecordedRequest) -> Reply:
         raise NotImplementedError
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
