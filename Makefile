@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 CONCURRENCY ?= 50
 
-.PHONY: help venv services services-stop services-status run api test lint bench loadtest faults clean
+.PHONY: help venv services services-stop services-status browser run api test lint bench loadtest faults clean
 
 help:
 	@echo "make run            set up, start beanstalkd + nx-27017, run a consumer (simulated sending)"
@@ -52,8 +52,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check mailer tests loadtest
 	$(VENV)/bin/mypy
 
+# Debian's chromium for the console's browser tests (Playwright drives it; never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium (apt-get)"; \
+	  apt-cache show chromium >/dev/null 2>&1 || apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 # pytest's exit 5 (no tests ran) is a failure here like any other non-zero exit.
-test: services lint
+test: services lint browser
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 loadtest: services

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from loadtest import apicases, cases, lonecases, ratecases, raw
+from loadtest import apicases, cases, fleetcases, lonecases, ratecases, raw
 from loadtest.common import settings_or_exit
 from loadtest.producer import Mode
 from loadtest.report import Samples, summarise, write
@@ -108,6 +108,12 @@ async def one_run(
         if key == "drain_200":
             values["rss_200"] = d.consumer_rss_kb / 1024
             note("rss_200", f"{values['rss_200']:.1f} MB")
+    # Issue 13: 2 consumer processes draining over 1 beanstalkd server, then over 2.
+    for f in await fleetcases.run(base, sizes.drain, 50):
+        values[f"fleet_{f.servers}"] = f.rate
+        extra[f"fleet_{f.servers}"] = asdict(f)
+        cpu = ", ".join(f"{k} {v / f.mails * 1e6:,.0f}" for k, v in sorted(f.cpu_s.items()))
+        note(f"fleet_{f.servers}", f"{f.rate:,.0f} mails/s; CPU us/mail: {cpu}")
     values.update(await ratecases.run_all(base, note))
     return values, extra
 

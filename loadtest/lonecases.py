@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+from bson import ObjectId
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 
@@ -165,8 +166,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     p.add_argument("--mails", type=int, default=10000, help="mails per case and round (10,000)")
+    p.add_argument(
+        "--decompose",
+        action="store_true",
+        help="instead: the lone send's cost step by step from the raw baseline",
+    )
     a = p.parse_args(argv)
     base = settings_or_exit(PROG).for_test()
+    if a.decompose:
+        runs = [asyncio.run(decompose(base, a.mails)) for _ in range(a.rounds)]
+        raw = statistics.median(r["original doc, no index"] for r in runs)
+        for key in runs[0]:
+            rate = statistics.median(r[key] for r in runs)
+            print(f"  {key:<26} {rate:7,.0f} mails/s  {rate / raw:.2f} of raw")
+        return 0
 
     def note(key: str, text: str) -> None:
         print(f"  {key:<14} {text}", flush=True)
@@ -190,3 +203,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+async def decompose(base: Settings, n: int) -> dict[str, float]:
+    """Where the lone send's time goes, step by step from the raw baseline to ``send``, each
+    on a fresh collection and awaited in turn: the original's document, then ours (built
+    beforehand, so no validation), then ours with the mails collection's indexes, then with
+    the suppression check's query before each insert; then ``send`` itself."""
+    mails = [sample_mail("lone", i) for i in range(n)]
+    rates: dict[str, float] = {}
+
+    async def steps(settings: Settings) -> Measure:
+        b = settings.beanstalkd
+        async with Producer(settings) as producer, plain_collection(settings) as plain:
+            ours = [producer._entry(producer.validate(m)).doc for m in mails]
+            indexed = producer.store.mails
+            suppressions = producer.store.suppressions
+            q = producer.queue
+            await suppressions.insert_one({"_id": "listed@elsewhere.example", "reason": "bench"})
+            variants: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+
+            async def loop(coll: AsyncCollection[Doc], docs: Sequence[Doc], check: bool) -> None:
+                for doc in docs:
+                    if check:
+                        await suppressions.find({"_id": {"$in": ["x@example.com"]}}, {"_id": 1}).to_list()
+                    await coll.insert_one(doc)
+                    await q.put(str(doc["_id"]), ttr=b.ttr_s)
+
+            def fresh() -> list[Doc]:
+                return [{**d, "_id": ObjectId()} for d in ours]
+
+            variants.append(
+                ("original doc, no index", lambda: loop(plain, [original_doc(m) for m in mails], False))
+            )
+            variants.append(("our doc, no index", lambda: loop(plain, fresh(), False)))
+            variants.append(("our doc, our indexes", lambda: loop(indexed, fresh(), False)))
+            variants.append(("+ suppression query", lambda: loop(indexed, fresh(), True)))
+
+            async def send() -> None:
+                for m in mails:
+                    await producer.send(m)
+
+            variants.append(("send", send))
+            last = Measure(0, 0.0, 0.0)
+            for name, work in variants:
+                last = await timed(n, work)
+                rates[name] = last.rate
+            return last
+
+    await _scratch(base, "ld", steps)
+    return rates

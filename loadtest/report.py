@@ -82,6 +82,9 @@ ROWS = (
         "min_ratio",
         0.80,
     ),
+    # Several beanstalkd servers (issue 13): what a second server changes, same consumers.
+    Row("fleet_1", "drain 2 procs over 1 beanstalkd server", "mails/s"),
+    Row("fleet_2", "drain 2 procs over 2 beanstalkd servers", "mails/s", "fleet_1"),
     Row("api_send", "POST /v1/emails, 50 keep-alive clients", "mails/s", "send", "min_ratio", 0.60),
     Row("api_batch", "POST /v1/emails/batch, 1,000 per request", "mails/s", "send_many", "min_ratio", 0.70),
     Row("cpu_api_send", "mailer-api CPU per mail, single", "us", "cpu_send"),

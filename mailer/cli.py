@@ -37,9 +37,11 @@ from mailer.cmdline import (
     run_guarded,
 )
 from mailer.config import DEFAULT_CONFIG_FILE, Settings, load_settings
-from mailer.errors import MailerError
+from mailer.errors import MailerError, MailNotFound, NotFound
+from mailer.events import DeliveryView, delivery_view, normalize_address
+from mailer.fleet import Fleet
 from mailer.logs import setup_logging
-from mailer.models import MailRecord, Status
+from mailer.models import MailRecord, Status, normalize_email
 from mailer.producer import Producer
 from mailer.requeue import sweep
 from mailer.routing import THROTTLE_PREFIX
@@ -48,11 +50,6 @@ from mailer.vendors import vendor_names
 
 # SimulatedVendor's message ids start so: how a record tells a simulated send from a real one.
 _SIMULATED_ID = "sim-"
-
-
-def _queue(settings: Settings) -> Beanstalk:
-    b = settings.beanstalkd
-    return Beanstalk(b.host, b.port, connect_timeout=b.connect_timeout_s, command_timeout=b.command_timeout_s)
 
 
 def _print_json(data: object) -> None:
@@ -141,13 +138,67 @@ def _format_record(record: MailRecord) -> str:
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     async with MailStore(settings) as store:
         record = await store.get(args.id)
+        view = await delivery_view(store, record.id)
     if args.json:
         data = record.model_dump(mode="json", by_alias=True)
         data["simulated"] = _simulated(record)
-        _print_json(data)
+        _print_json(data | view.model_dump(mode="json"))
     else:
-        print(_format_record(record))
+        print("\n".join([_format_record(record), *_format_delivery(view)]))
     return 0
+
+
+def _format_delivery(view: DeliveryView) -> list[str]:
+    """What vendors reported after 'sent' (delivery events), and recipients dropped as suppressed."""
+    lines = []
+    if view.suppressed:
+        lines.append(f"suppressed: {', '.join(view.suppressed)} (dropped at send: on the suppression list)")
+    d = view.delivery
+    if d is not None:
+        facts = [f"delivered {d.delivered_at.isoformat()}" if d.delivered_at else "not reported delivered"]
+        facts += [f"bounced ({d.bounce})"] * d.bounced + ["complained"] * d.complained
+        lines.append(f"delivery:  {'; '.join(facts)}")
+    lines.append(f"events:    {len(view.events)}")
+    for i, e in enumerate(view.events, 1):
+        kind = f"{e.type.value} ({e.bounce})" if e.bounce else e.type.value
+        detail = f"{e.recipient or ''}  {e.reason or ''}"
+        lines.append(f"  {i}. {e.at.isoformat()} {e.vendor:<11} {kind:<16} {detail}".rstrip())
+    return lines
+
+
+def _address(value: str) -> str:
+    try:
+        return normalize_address(normalize_email(value.strip()))
+    except ValueError as exc:
+        raise UsageError(f"{exc}; give e-mail addresses such as user@example.com") from None
+
+
+async def cmd_suppress(settings: Settings, args: argparse.Namespace) -> int:
+    """``mailer suppress add|remove|list``: the suppression list by hand."""
+    addresses = [_address(a) for a in args.addresses]
+    async with MailStore(settings) as store:
+        if args.action == "list":
+            found = await store.list_suppressions(after=args.after, limit=args.limit)
+            rows = [
+                {"address": d["_id"], "reason": d.get("reason"), "at": d["at"].isoformat()} for d in found
+            ]
+        elif args.action == "add":
+            rows = [
+                {"address": a, "added": await store.add_suppression(a, reason=args.reason)} for a in addresses
+            ]
+        else:
+            rows = [{"address": a, "removed": await store.remove_suppression(a)} for a in addresses]
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    for row in rows:
+        if args.action == "list":
+            print(f"{row['address']}  {row['reason']}  {row['at']}")
+        elif args.action == "add":
+            print(f"{row['address']}: {'suppressed' if row['added'] else 'already suppressed'}")
+        else:
+            print(f"{row['address']}: {'removed' if row['removed'] else 'was not on the list'}")
+    return EXIT_OK if args.action != "remove" or all(r["removed"] for r in rows) else EXIT_FAILURE
 
 
 async def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
@@ -165,22 +216,29 @@ async def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     tube = settings.beanstalkd.tube
-    async with MailStore(settings) as store, _queue(settings) as queue:
+    async with MailStore(settings) as store, Fleet.from_settings(settings.beanstalkd) as queue:
         counts = await store.status_counts()
-        names = await queue.list_tubes()
-        tube_stats = await queue.stats_tube(tube) if tube in names else {}
+        try:  # summed over every server (one that does not answer is left out, and named)
+            tube_stats = await queue.stats_tube(tube)
+        except NotFound:
+            tube_stats = {}
+        down = [queue.name(i) for i, q in enumerate(queue.servers) if not q.connected]
     jobs = {
         k.removeprefix("current-jobs-"): int(v)
         for k, v in tube_stats.items()
         if k.startswith("current-jobs-") and isinstance(v, int)
     }
     data = {"tube": tube, "jobs": jobs, "collection": settings.mongodb.collection, "mails": counts}
+    if down:
+        data["unreachable"] = down
     if args.json:
         _print_json(data)
     else:
         print(
             f"tube {tube}: " + (", ".join(f"{k} {v}" for k, v in jobs.items()) or "no jobs (tube not in use)")
         )
+        if down:
+            print(f"not counted, unreachable: {', '.join(down)}")
         print(
             f"collection {settings.mongodb.collection}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
         )
@@ -188,7 +246,7 @@ async def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
-    async with MailStore(settings) as store, _queue(settings) as queue:
+    async with MailStore(settings) as store, Fleet.from_settings(settings.beanstalkd) as queue:
         report = await sweep(settings, store, queue, older_than_s=args.older_than, dry_run=args.dry_run)
     if args.json:
         _print_json(
@@ -211,7 +269,7 @@ async def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_kick(settings: Settings, args: argparse.Namespace) -> int:
-    async with _queue(settings) as queue:
+    async with Fleet.from_settings(settings.beanstalkd) as queue:  # every server, up to --bound each
         await queue.use(settings.beanstalkd.tube)
         kicked = await queue.kick(args.bound)
     if args.json:
@@ -270,19 +328,28 @@ class Check:
     detail: str
 
 
-async def _check_beanstalkd(settings: Settings) -> Check:
+async def _check_beanstalkd(settings: Settings) -> list[Check]:
+    """One line per server: a server down fails the check even though the producer fails
+    over (it is one the operator has to bring back)."""
     b = settings.beanstalkd
-    where = f"{b.host}:{b.port}"
-    try:
-        async with _queue(settings) as queue:
-            tubes = await queue.list_tubes()
-            stats = await queue.stats_tube(b.tube) if b.tube in tubes else {}
-    except (MailerError, OSError) as exc:
-        return Check("beanstalkd", "FAIL", f"{where} does not answer ({exc}); 'make services' starts it")
-    jobs = ", ".join(
-        f"{s} {stats.get(f'current-jobs-{s}', 0)}" for s in ("ready", "reserved", "delayed", "buried")
-    )
-    return Check("beanstalkd", "ok", f"{where}, tube {b.tube}: {jobs}")
+    checks = []
+    for host, port in b.addresses():
+        where = f"{host}:{port}"
+        try:
+            async with Beanstalk(
+                host, port, connect_timeout=b.connect_timeout_s, command_timeout=b.command_timeout_s
+            ) as queue:
+                tubes = await queue.list_tubes()
+                stats = await queue.stats_tube(b.tube) if b.tube in tubes else {}
+        except (MailerError, OSError) as exc:
+            detail = f"{where} does not answer ({exc}); 'make services' starts it"
+            checks.append(Check("beanstalkd", "FAIL", detail))
+            continue
+        jobs = ", ".join(
+            f"{s} {stats.get(f'current-jobs-{s}', 0)}" for s in ("ready", "reserved", "delayed", "buried")
+        )
+        checks.append(Check("beanstalkd", "ok", f"{where}, tube {b.tube}: {jobs}"))
+    return checks
 
 
 def _check_vendors(settings: Settings, marks: dict[str, tuple[float, str]], now: float) -> list[Check]:
@@ -334,7 +401,7 @@ async def _check_store(settings: Settings) -> list[Check]:
 
 
 async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
-    checks = [await _check_beanstalkd(settings), *await _check_store(settings)]
+    checks = [*await _check_beanstalkd(settings), *await _check_store(settings)]
     healthy = all(c.state != "FAIL" for c in checks)
     if args.json:
         _print_json({"ok": healthy, "checks": [asdict(c) for c in checks]})
@@ -346,6 +413,34 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # --- parser ---------------------------------------------------------------------------------
+
+
+async def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
+    """The raw bytes on stdout, untouched: ``mailer outbox ID > mail.eml`` opens in any mail reader."""
+    async with MailStore(settings) as store:
+        kept = await store.outbox_raw(args.id)
+    if kept is None:
+        raise MailNotFound(
+            f"the outbox keeps no message of mail {args.id!r}: it is kept only for a simulated send "
+            f"that happened, with [simulation] keep_raw on, among the newest keep_raw_max "
+            f"({settings.simulation.keep_raw_max}); 'mailer status ID' shows how it went"
+        )
+    sys.stdout.buffer.write(kept.raw)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def _add_outbox(sub: Any, common: argparse.ArgumentParser) -> None:
+    o = sub.add_parser(
+        "outbox",
+        parents=[common],
+        help="the MIME message a simulated send would have sent",
+        description="Print the whole MIME message of a simulated send, exactly as the SMTP vendor "
+        "would have sent it (the development outbox): 'mailer outbox ID > mail.eml'. Exit 1 if none "
+        "is kept.",
+    )
+    o.add_argument("id", help="the mail id printed by 'mailer send' (24 hex characters)")
+    o.set_defaults(func=cmd_outbox)
 
 
 def _common() -> argparse.ArgumentParser:
@@ -470,6 +565,29 @@ def _add_operations(sub: Any, common: argparse.ArgumentParser) -> None:
     ch.set_defaults(func=cmd_check)
 
 
+def _add_suppress(sub: Any, common: argparse.ArgumentParser) -> None:
+    sp = sub.add_parser(
+        "suppress",
+        help="the suppression list: add, remove or list addresses",
+        description="Addresses on the suppression list get no mail: a send to one is refused, or the "
+        "address dropped ([suppression] mode). Hard bounces and complaints reported by the vendors' "
+        "webhooks add them by themselves.",
+    )
+    actions = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", parents=[common], help="suppress addresses")
+    add.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    add.add_argument("--reason", default="manual", help="recorded with the entry (default: manual)")
+    remove = actions.add_parser(
+        "remove", parents=[common], help="allow addresses again (exit 1 if one was not listed)"
+    )
+    remove.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    listing = actions.add_parser("list", parents=[common], help="the entries in address order")
+    listing.add_argument("--after", default="", metavar="ADDRESS", help="start after this address")
+    listing.add_argument("--limit", type=count(1), default=100, help="at most this many (default: 100)")
+    listing.set_defaults(addresses=[])
+    sp.set_defaults(func=cmd_suppress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="mailer",
@@ -481,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common()
     _add_send(sub, common)
     _add_operations(sub, common)
+    _add_outbox(sub, common)
+    _add_suppress(sub, common)
     return p
 
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType, NoneType
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -53,6 +53,32 @@ class BeanstalkdSettings(_Section):
     connect_timeout_s: float = Field(5.0, gt=0)
     # Bound on any single command's reply (reserve-with-timeout adds its own timeout).
     command_timeout_s: float = Field(10.0, gt=0)
+    # Several servers, "HOST:PORT" each (mailer.fleet spreads the mails over them); empty: the
+    # one server host/port. Append new servers at the end: a stored job id names its server by
+    # its place in this list.
+    servers: tuple[str, ...] = ()
+
+    @field_validator("servers")
+    @classmethod
+    def _server_addresses(cls, servers: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in servers:
+            _split_address(entry)
+        if len(set(servers)) != len(servers):
+            raise ValueError("a server is listed twice: list each HOST:PORT once")
+        return servers
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every server as (host, port): ``servers``, else the one ``host``/``port``."""
+        return [_split_address(s) for s in self.servers] or [(self.host, self.port)]
+
+
+def _split_address(entry: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:11300`` for IPv6) as (host, port); a ValueError names the entry."""
+    host, sep, port = entry.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f'{entry!r} is not HOST:PORT with a port 1-65535 (e.g. "10.0.0.2:11300")')
+    return host, int(port)
 
 
 class MongoSettings(_Section):
@@ -62,6 +88,11 @@ class MongoSettings(_Section):
     collection: str = Field("mails", pattern=r"^[a-z_0-9]{1,100}$")
     vendor_status_collection: str = Field("vendor_status", pattern=r"^[a-z_0-9]{1,100}$")
     timeout_ms: int = Field(5000, ge=100)
+    # Every write's write concern: "majority" or a number of members (at least 1: an
+    # unacknowledged write could be lost unseen). Unset: a w= of the URI, else "majority" on a
+    # replica set and 1 on a standalone. journal: wait for the journal (j=true).
+    write_concern: Literal["majority"] | Annotated[int, Field(ge=1)] | None = None
+    journal: bool | None = None
 
     @field_validator("uri")
     @classmethod
@@ -123,6 +154,10 @@ class SimulationSettings(_Section):
     # with a Retry-After of throttle_retry_after_s (none when 0): the throttle path at work.
     throttle_rate: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
     throttle_retry_after_s: float = Field(1.0, ge=0)
+    # The development outbox: keep each simulated send's whole MIME message (the SMTP
+    # vendor's rendering) for the console and `mailer outbox ID`, the newest keep_raw_max.
+    keep_raw: bool = True
+    keep_raw_max: int = Field(5000, ge=1)
 
     @field_validator("max_per_second", "throttle_rate")
     @classmethod
@@ -167,6 +202,74 @@ class ApiSettings(_Section):
         return keys
 
 
+# --- delivery events and suppression (mailer.events, mailer/service/webhooks) ---
+
+# Where SNS signing certificates may come from: the documented SNS hosts (sns.REGION.amazonaws.com,
+# and .amazonaws.com.cn in China), over HTTPS; each entry is a regex matched against the whole
+# "scheme://host[:port]" of SigningCertURL (and of SubscribeURL).
+SNS_CERT_ORIGINS = (
+    r"https://sns\.[a-z0-9-]+\.amazonaws\.com",
+    r"https://sns\.[a-z0-9-]+\.amazonaws\.com\.cn",
+)
+
+
+class MailgunWebhookSettings(_Section):
+    """Mailgun signs each webhook with the account's HTTP webhook signing key."""
+
+    signing_key: SecretStr | None = None
+    # A signature older (or newer) than this is refused, and its token remembered this long.
+    max_age_s: float = Field(300.0, gt=0)
+
+
+class SnsWebhookSettings(_Section):
+    """SES events arrive through SNS, signed by Amazon; only these topics are accepted."""
+
+    topic_arns: list[str] = []
+    cert_origins: list[str] = list(SNS_CERT_ORIGINS)
+    # Visit the SubscribeURL of a SubscriptionConfirmation from an accepted topic.
+    confirm_subscriptions: bool = True
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("cert_origins")
+    @classmethod
+    def _patterns(cls, origins: list[str]) -> list[str]:
+        for i, pattern in enumerate(origins):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"entry [{i}] is not a regular expression ({exc})") from None
+        return origins
+
+
+class WebhookCredentials(_Section):
+    """Basic auth (username and password) and/or a bearer token, as set on the vendor's side."""
+
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+
+
+class WebhooksSettings(_Section):
+    """``POST /v1/webhooks/{vendor}``: each vendor's secret (a vendor without one is refused)."""
+
+    amazon: SnsWebhookSettings = SnsWebhookSettings()
+    mailgun: MailgunWebhookSettings = MailgunWebhookSettings()
+    sendinblue: WebhookCredentials = WebhookCredentials()
+    sparkpost: WebhookCredentials = WebhookCredentials()
+
+
+class SuppressionSettings(_Section):
+    """At send time: ``refuse`` a mail to a suppressed address (nothing stored), or ``drop``
+    those recipients (recorded on the mail; a mail left with none is stored ``suppressed``)."""
+
+    mode: Literal["refuse", "drop"] = "refuse"
+    # The delivery events that add their recipient to the list by themselves.
+    add_on: list[Literal["bounced_hard", "bounced_soft", "complained", "rejected", "unsubscribed"]] = [
+        "bounced_hard",
+        "complained",
+    ]
+
+
 class _VendorSection(_Section):
     # Sends per second through this vendor, held by all consumer processes together (may be
     # fractional, e.g. 0.5); None: no limit of ours (the vendor's throttling still slows us).
@@ -186,6 +289,9 @@ class AmazonSettings(_VendorSection):
 class MailgunSettings(_VendorSection):
     domain: str
     api_key: SecretStr
+    # The account's HTTP webhook signing key, for POST /v1/webhooks/mailgun (the same as
+    # [webhooks.mailgun] signing_key, which wins when both are set).
+    webhook_signing_key: SecretStr | None = None
     base_url: str = "https://api.mailgun.net"
     timeout_s: float = Field(10.0, gt=0)
 
@@ -332,6 +438,8 @@ class Settings(BaseSettings):
     simulation: SimulationSettings = SimulationSettings()
     api: ApiSettings = ApiSettings()
     vendors: VendorsSettings = VendorsSettings()
+    webhooks: WebhooksSettings = WebhooksSettings()
+    suppression: SuppressionSettings = SuppressionSettings()
     # Where the values came from, for messages; not a key of the file.
     source: str = Field("built-in defaults", exclude=True)
     file_vendor_order: tuple[str, ...] = Field((), exclude=True)

@@ -30,6 +30,7 @@ from mailer.beanstalk import Beanstalk, Job
 from mailer.config import Settings, load_settings
 from mailer.delivery import Action, Committer, Decision, Delivery, Ready
 from mailer.errors import BeanstalkError, ConfigError, MailerError, NotFound, StoreUnavailable, TimedOut
+from mailer.fleet import Fleet
 from mailer.jobs import OwnedJob
 from mailer.lifecycle import AsyncResource
 from mailer.ratelimit import RateLimiter
@@ -139,7 +140,8 @@ class Consumer(AsyncResource):
         self._extending: set[asyncio.Task[None]] = set()
         self._last_warning = -1e9
         self._suppressed = 0
-        self._outage: str | None = None  # beanstalkd unreachable since this was logged
+        self._outage: dict[int, str] = {}  # servers unreachable since this was logged, by number
+        self._servers = settings.beanstalkd.addresses()
         self.started = time.time()
         self._answered: dict[str, float] = {}  # server -> monotonic time it last answered the heartbeat
         self._metrics_server: MetricsServer | None = None
@@ -206,7 +208,9 @@ class Consumer(AsyncResource):
         self._background.append(loop.create_task(self._keepalive()))
         if self.settings.consumer.requeue_interval_s > 0:
             self._background.append(loop.create_task(self._sweep_loop()))
-        self._loops = [loop.create_task(self._reserve_loop(i)) for i in range(self.concurrency)]
+        # At least one loop per server, so that every server's jobs are reserved.
+        loops = max(self.concurrency, len(self._servers))
+        self._loops = [loop.create_task(self._reserve_loop(i)) for i in range(loops)]
         await self._stopping.wait()
         await self._unpark_waiting()
         grace = self.settings.consumer.grace_s
@@ -298,9 +302,7 @@ class Consumer(AsyncResource):
     async def _heartbeat(self) -> None:
         """Every ``heartbeat_s``: upsert this consumer's heartbeat and, with metrics, poll the
         tube's job counts (once per interval, whatever the scrape rate)."""
-        queue = self._new_queue() if self.metrics is not None else None
-        if queue is not None:
-            self._queues.append(queue)
+        queue = self._new_fleet() if self.metrics is not None else None
         while True:
             await self._beat()
             if queue is not None:
@@ -321,12 +323,10 @@ class Consumer(AsyncResource):
             return
         self._answered["MongoDB"] = time.monotonic()
 
-    async def _poll_queue(self, queue: Beanstalk) -> None:
+    async def _poll_queue(self, queue: Fleet) -> None:
+        """The tube's job counts summed over every server that answers."""
         assert self.metrics is not None
         try:
-            if not queue.connected:
-                await queue.close()
-                await queue.connect()
             try:
                 stats: dict[str, Any] = await queue.stats_tube(self.settings.beanstalkd.tube)
             except NotFound:  # no job and no watcher yet: an empty tube
@@ -384,11 +384,16 @@ class Consumer(AsyncResource):
 
     # --- the loops ---------------------------------------------------------------------
 
-    def _new_queue(self) -> Beanstalk:
+    def _new_queue(self, server: int) -> Beanstalk:
         b = self.settings.beanstalkd
-        return Beanstalk(
-            b.host, b.port, connect_timeout=b.connect_timeout_s, command_timeout=b.command_timeout_s
-        )
+        host, port = self._servers[server]
+        return Beanstalk(host, port, connect_timeout=b.connect_timeout_s, command_timeout=b.command_timeout_s)
+
+    def _new_fleet(self) -> Fleet:
+        """Every server, for the sweep and the queue depth; closed with the loops' queues."""
+        fleet = Fleet.from_settings(self.settings.beanstalkd)
+        self._queues.extend(fleet.servers)
+        return fleet
 
     async def _open(self, queue: Beanstalk) -> None:
         await queue.connect()
@@ -402,15 +407,16 @@ class Consumer(AsyncResource):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    def _own(self, job: Job, queue: Beanstalk) -> OwnedJob:
-        owned = OwnedJob(job, queue, self.delivery)
-        self._inflight[job.id] = owned
+    def _own(self, job: Job, queue: Beanstalk, server: int) -> OwnedJob:
+        """Own a job reserved on ``server``; kept by its fleet job id (ids are per server)."""
+        owned = OwnedJob(job, queue, self.delivery, server=server)
+        self._inflight[owned.id] = owned
         return owned
 
     def _release_ownership(self, owned: OwnedJob) -> None:
         self._inflight.pop(owned.id, None)
 
-    async def _reserve(self, queue: Beanstalk, index: int) -> OwnedJob | None:
+    async def _reserve(self, queue: Beanstalk, index: int, server: int) -> OwnedJob | None:
         """The next job, or None after a timeout or a (logged, backed-off) connection error."""
         try:
             if not queue.connected:
@@ -418,42 +424,44 @@ class Consumer(AsyncResource):
                 await self._open(queue)
             job = await queue.reserve(self.settings.consumer.reserve_timeout_s)
         except TimedOut:
-            self._reachable()
+            self._reachable(server)
             return None
         except BeanstalkError as exc:
             failures = self._failures[index] = self._failures.get(index, 0) + 1
             pause = min(30.0, 0.5 * 2 ** min(failures, 6))
-            if self._outage is None:  # one line per outage, not one per loop
-                self._outage = str(exc)
-                b = self.settings.beanstalkd
+            if server not in self._outage:  # one line per outage, not one per loop
+                self._outage[server] = str(exc)
+                host, port = self._servers[server]
                 log.warning(
-                    "beanstalkd unavailable at %s:%d (%s); every loop retries with back-off (up to 30 s)",
-                    b.host,
-                    b.port,
+                    "beanstalkd unavailable at %s:%d (%s); its loops retry with back-off (up to 30 s)",
+                    host,
+                    port,
                     exc,
                 )
             await queue.close()
             await self._pause(pause)
             return None
         self._failures[index] = 0
-        self._reachable()
-        return self._own(job, queue)
+        self._reachable(server)
+        return self._own(job, queue, server)
 
-    def _reachable(self) -> None:
-        if self._outage is not None:
-            self._outage = None
-            b = self.settings.beanstalkd
-            log.warning("beanstalkd at %s:%d is reachable again", b.host, b.port)
-        self._failures.clear()
+    def _reachable(self, server: int) -> None:
+        """``server`` answered: its loops' back-off ends (the other servers' loops keep theirs)."""
+        if self._outage.pop(server, None) is not None:
+            host, port = self._servers[server]
+            log.warning("beanstalkd at %s:%d is reachable again", host, port)
+        n = len(self._servers)
+        for index in [i for i in self._failures if i % n == server]:
+            del self._failures[index]
 
-    async def _prefetch(self, queue: Beanstalk) -> Prefetched | None:
+    async def _prefetch(self, queue: Beanstalk, server: int) -> Prefetched | None:
         """While a mail is with its vendor, reserve and claim the next one if it is ready
         now: the claim's round trips then overlap the send instead of following it."""
         try:
             job = await queue.reserve(0)
         except BeanstalkError:  # none ready (TIMED_OUT), or the connection: the main path sees it
             return None
-        owned = self._own(job, queue)
+        owned = self._own(job, queue, server)
         try:
             return Prefetched(owned, await owned.prepare())
         except (PyMongoError, MailerError, OSError) as exc:
@@ -482,19 +490,20 @@ class Consumer(AsyncResource):
         """Reserve -> deliver -> finish, one send at a time per loop, with a one-slot
         :class:`Prefetch`: the next job is reserved and claimed while the current mail is with
         its vendor, and its send starts while the current one's record is being written."""
-        queue = self._new_queue()
+        server = index % len(self._servers)  # the loops are spread round robin over the servers
+        queue = self._new_queue(server)
         self._queues.append(queue)
         ahead = Prefetch()
         while not self.stopping or ahead.sending is not None:
             current = ahead.take()
             if current is None:
-                owned = await self._reserve(queue, index)
+                owned = await self._reserve(queue, index, server)
                 if owned is None:
                     continue
                 current = Prefetched(owned)
             decision: Decision | None = None
             try:
-                decision = await self._deliver(current, queue, ahead)
+                decision = await self._deliver(current, queue, server, ahead)
                 if decision is None:  # waits for a send-rate token: its own task finishes it
                     continue
                 if decision.recording is not None and not self.stopping:
@@ -525,7 +534,9 @@ class Consumer(AsyncResource):
         await self._put_back(ahead)
         await queue.close()
 
-    async def _deliver(self, current: Prefetched, queue: Beanstalk, ahead: Prefetch) -> Decision | None:
+    async def _deliver(
+        self, current: Prefetched, queue: Beanstalk, server: int, ahead: Prefetch
+    ) -> Decision | None:
         """The current job's decision; its send (begun already, or begun here) overlaps the
         prefetch of the next job. None when the send waits for a send-rate token and was
         parked: a task of its own finishes it, and the loop goes on."""
@@ -539,7 +550,7 @@ class Consumer(AsyncResource):
             return current.prepared
         try:
             if not self.stopping:
-                ahead.fill(await self._prefetch(queue))
+                ahead.fill(await self._prefetch(queue, server))
             if (
                 isinstance(current.prepared, Ready)
                 and self.limiter.active
@@ -635,16 +646,12 @@ class Consumer(AsyncResource):
         """The reconciler, run every ``requeue_interval_s`` (first soon after start, so a
         consumer started after a beanstalkd loss recovers its mails quickly)."""
         c = self.settings.consumer
-        queue = self._new_queue()
-        self._queues.append(queue)
+        queue = self._new_fleet()
         wait = min(c.requeue_interval_s, 10.0)
         while True:
             await asyncio.sleep(wait)
             wait = c.requeue_interval_s
             try:
-                if not queue.connected:
-                    await queue.close()
-                    await queue.connect()
                 await sweep(self.settings, self.store, queue, older_than_s=c.requeue_older_than_s)
             except (MailerError, PyMongoError, OSError) as exc:
                 log.warning("requeue sweep failed (%s); next in %.0f s", exc, wait)

@@ -439,7 +439,14 @@ class Delivery:
                 self._commit(
                     job,
                     held,
-                    Finish(mail_id, Status.SENT, attempts, vendor=vendor.name, message_id=result.message_id),
+                    Finish(
+                        mail_id,
+                        Status.SENT,
+                        attempts,
+                        vendor=vendor.name,
+                        message_id=result.message_id,
+                        raw=result.raw,
+                    ),
                 )
             )
             return Decision(

@@ -261,3 +261,44 @@ class UnsupportedByVendor(VendorError):
 
 class VendorConfigError(MailerError):
     """A vendor section in the configuration is incomplete or a vendor name is unknown."""
+
+
+# --- delivery events and suppression ----------------------------------------------------
+
+
+class RecipientSuppressed(EmailValidationError):
+    """Recipients are on the suppression list and ``[suppression] mode`` is ``refuse``: nothing
+    was stored or queued. ``by_field`` maps where (``to``, or ``[3].to`` in a batch) to the
+    suppressed addresses; ``addresses`` lists them all; ``by_index`` (a batch) maps each
+    refused mail's position to its suppressed addresses."""
+
+    def __init__(
+        self, by_field: dict[str, list[str]], *, by_index: dict[int, list[str]] | None = None
+    ) -> None:
+        self.by_field = by_field
+        self.by_index = by_index or {}
+        self.addresses = list(dict.fromkeys(a for found in by_field.values() for a in found))
+        super().__init__(
+            [
+                (
+                    field,
+                    f"suppressed recipient(s) {', '.join(found)} (hard bounce, complaint or added by "
+                    "hand): remove them from the mail, or take them off the list with 'mailer suppress "
+                    "remove ADDRESS' if they may receive mail again",
+                )
+                for field, found in by_field.items()
+            ]
+        )
+
+
+class WebhookRefused(MailerError):
+    """A webhook request failed its vendor's authenticity check (HTTP 401); nothing was stored."""
+
+
+class WebhookMalformed(MailerError):
+    """A webhook request is not in the vendor's documented shape (HTTP 400); nothing was stored."""
+
+
+class WebhookUnavailable(MailerError):
+    """A webhook could not be verified for now (the signing certificate could not be fetched):
+    the vendor retries (HTTP 503)."""

@@ -21,15 +21,21 @@ from bson import ObjectId
 from mailer.beanstalk import Beanstalk, Job
 from mailer.delivery import Action, Decision, Delivery, Ready
 from mailer.errors import BeanstalkError, NotFound
+from mailer.fleet import fleet_job_id
 from mailer.store import parse_mail_id
 
 log = logging.getLogger("mailer.jobs")
 
 
 class OwnedJob:
-    """A reserved job, its reserving connection, and the delivery that decides its fate."""
+    """A reserved job, its reserving connection, and the delivery that decides its fate.
 
-    __slots__ = ("delivery", "job", "monotonic", "oid", "queue", "started", "touched")
+    ``job`` is the job as the rest of mailer knows it, by its fleet job id (server ``server``
+    of ``beanstalkd.servers``, see :mod:`mailer.fleet`); the commands to its own server use
+    that server's id, ``local_id``.
+    """
+
+    __slots__ = ("delivery", "job", "local_id", "monotonic", "oid", "queue", "started", "touched")
 
     def __init__(
         self,
@@ -37,9 +43,11 @@ class OwnedJob:
         queue: Beanstalk,
         delivery: Delivery,
         *,
+        server: int = 0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.job = job
+        self.local_id = job.id
+        self.job = job if server == 0 else Job(fleet_job_id(server, job.id), job.body)
         self.queue = queue
         self.delivery = delivery
         self.oid: ObjectId | None = parse_mail_id(job.body)
@@ -71,12 +79,12 @@ class OwnedJob:
         """Carry out ``decision``: only once its record is acknowledged."""
         if decision.recording is not None:
             await asyncio.shield(decision.recording)
-        job, queue = self.job, self.queue
+        job, queue, local = self.job, self.queue, self.local_id
         try:
             if decision.action is Action.DELETE:
-                await queue.delete(job.id)
+                await queue.delete(local)
             elif decision.action is Action.RELEASE:
-                await queue.release(job.id, priority=decision.priority, delay=decision.delay)
+                await queue.release(local, priority=decision.priority, delay=decision.delay)
             elif decision.action is Action.TWIN:
                 if await self._reserved_before():
                     log.info(
@@ -85,16 +93,16 @@ class OwnedJob:
                         self.oid,
                         decision.delay,
                     )
-                    await queue.release(job.id, priority=decision.priority, delay=decision.delay)
+                    await queue.release(local, priority=decision.priority, delay=decision.delay)
                 else:
                     log.info(
                         "job %s: mail %s is being delivered under another job; deleting this twin",
                         job.id,
                         self.oid,
                     )
-                    await queue.delete(job.id)
+                    await queue.delete(local)
             else:
-                await queue.bury(job.id, priority=decision.priority)
+                await queue.bury(local, priority=decision.priority)
         except NotFound:
             # Its TTR ran out (this process stood still): beanstalkd gave it to another
             # consumer, whose claim decides. Nothing of ours to settle.
@@ -130,7 +138,7 @@ class OwnedJob:
 
     async def _reserved_before(self) -> bool:
         try:
-            return int((await self.queue.stats_job(self.job.id)).get("reserves", 1)) > 1
+            return int((await self.queue.stats_job(self.local_id)).get("reserves", 1)) > 1
         except BeanstalkError:
             return True  # unsure: keeping a job is harmless, dropping one is not
 
@@ -138,7 +146,7 @@ class OwnedJob:
         """Give the job back unfinished (shutdown): its claim is released (a send cut off while
         the vendor had it is recorded ``unknown``) and the job released at the mail's priority."""
         priority = await self.delivery.hand_back(self.job)
-        await self.queue.release(self.job.id, priority=priority)
+        await self.queue.release(self.local_id, priority=priority)
 
     def drop(self) -> None:
         """Leave the job to beanstalkd (its connection is being closed, which makes it ready
@@ -146,7 +154,7 @@ class OwnedJob:
         self.delivery.forget(self.job)
 
     async def touch(self) -> None:
-        await self.queue.touch(self.job.id)
+        await self.queue.touch(self.local_id)
 
 
 async def run_job(owned: OwnedJob) -> Decision:

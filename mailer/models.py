@@ -444,6 +444,8 @@ class Email(BaseModel):
         if ctx.get("trusted"):
             return self  # stored mails were measured when accepted
         limit = ctx.get("max_bytes", MAX_EMAIL_BYTES)
+        if self._rough_bound() <= limit:
+            return self  # far under the cap: the exact bound below could only be smaller
         parts = self._sizes()
         if (total := sum(parts.values()) + _MESSAGE_OVERHEAD) > limit:
             biggest = max(parts, key=lambda k: parts[k])
@@ -453,6 +455,20 @@ class Email(BaseModel):
                 f"make {biggest!r} smaller",
             )
         return self
+
+    def _rough_bound(self) -> int:
+        """A cheap bound that is never below ``size()``: every text character counted at 16
+        bytes (UTF-8 is at most 4 per character; quoting, RFC 2047, base64 and punycode at
+        most quadruple that), attachments as ``size()`` counts them, and a flat allowance for
+        the per-field overheads and the metadata header (its JSON is capped at one line)."""
+        chars = len(self.subject) + len(self.text or "") + len(self.html or "")
+        chars += len(self.idempotency_key or "") + sum(len(t) + 4 for t in self.tags)
+        for addr in (self.from_, *self.to, *self.cc, *self.bcc, *self.reply_to):
+            chars += len(addr.email) + len(addr.name or "") + 8
+        chars += sum(len(k) + len(v) + 2 for k, v in self.headers.items())
+        fields = 4 + len(self.to) + len(self.cc) + len(self.bcc) + len(self.reply_to) + len(self.headers)
+        allowance = _MESSAGE_OVERHEAD + 2 * _PART_OVERHEAD + 16 * (fields + 2) + 2 * MAX_METADATA_JSON
+        return 16 * chars + allowance + sum(map(_attachment_cost, self.attachments))
 
     def _sizes(self) -> dict[str, int]:
         """Each field's share of the wire size, as upper bounds of its MIME encoding."""
@@ -560,6 +576,32 @@ def _bad_text(data: Any) -> list[tuple[str, str]]:
     return list(found.items())
 
 
+def _plainly_clean(data: Any) -> bool:
+    """True when no string in ``data`` holds a lone surrogate and nothing nests too deep: the
+    common case, decided without building a location per value (``_bad_text``, which names the
+    field, runs only when this says no). One UTF-8 encode of all the strings joined is cheaper
+    than one per string."""
+    parts: list[str] = []
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth >= MAX_NESTING:
+            return False
+        children = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in children:
+            if isinstance(key, str):
+                parts.append(key)
+            if isinstance(item, str):
+                parts.append(item)
+            elif isinstance(item, dict | list | tuple):
+                stack.append((item, depth + 1))
+    try:
+        "".join(parts).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _bad_json_text(data: str | bytes) -> list[tuple[str, str]]:
     """For JSON the parser refused: the fields holding invalid UTF-8 or lone surrogates, or
     nested too deep, if that is why (a lenient parse keeps surrogates, so they can be found)."""
@@ -590,7 +632,7 @@ def parse_email(
             raise EmailValidationError(
                 [("(mail)", f"expected a mapping of fields, got {type(data).__name__}")]
             )
-        if bad := _bad_text(data):
+        if not _plainly_clean(data) and (bad := _bad_text(data)):
             raise EmailValidationError(bad)
         return Email.model_validate(data, context=ctx)
     except ValidationError as exc:
@@ -615,6 +657,8 @@ class Status(StrEnum):
     FAILED = "failed"
     # Withdrawn by the application before it was sent: the consumer deletes its job unsent.
     CANCELLED = "cancelled"
+    # Every recipient was on the suppression list ([suppression] mode = drop): stored, never queued.
+    SUPPRESSED = "suppressed"
 
 
 Outcome = Literal["sent", "transient", "permanent", "auth", "unknown", "unavailable", "unsupported"]

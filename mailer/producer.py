@@ -18,14 +18,11 @@ from typing import Any, Protocol
 from pymongo.errors import PyMongoError
 
 from mailer.batching import Batcher, take
-from mailer.beanstalk import Beanstalk
 from mailer.capabilities import refuse_uncarriable
 from mailer.config import Settings, load_settings
 from mailer.errors import (
-    BeanstalkConnectionError,
     BeanstalkError,
     BeanstalkServerError,
-    BeanstalkTimeoutError,
     EmailValidationError,
     EnqueueError,
     MailerError,
@@ -33,6 +30,8 @@ from mailer.errors import (
     ProducerClosedError,
     StoreError,
 )
+from mailer.events import SuppressionCheck, to_queue
+from mailer.fleet import Fleet
 from mailer.lifecycle import AsyncResource
 from mailer.models import Email, MailRecord, Status, parse_email
 from mailer.store import MAX_DOCUMENT_BYTES, RECEIPT_DELAY_S, Doc, MailStore, parse_mail_id
@@ -45,6 +44,8 @@ _MAX_BATCH = 1000
 # by itself, but one call still has to finish within mongodb.timeout_ms, so big mails go in
 # small batches (a mail bigger than this goes alone) and cannot time out their neighbours.
 _MAX_BATCH_BYTES = 8 * 1024 * 1024
+# Batch receipts being written in the background at once, at most.
+_MAX_UNWRITTEN = 16
 
 
 @dataclass(slots=True)
@@ -160,8 +161,10 @@ class _Receipts:
 
     async def _commit(self, epoch: _Epoch) -> None:
         """One update per epoch; on the leader, or per mail if the leader was not stored.
-        A failure is logged, not raised: the mails are stored and queued."""
-        if not epoch.jobs:
+        A failure is logged, not raised: the mails are stored and queued. An empty receipt
+        on a stored leader is written too: it tells the sweep at once that none of its mails
+        has a job (their puts failed), instead of after the in-flight bound."""
+        if not epoch.jobs and not epoch.leader_stored:
             return
         try:
             if epoch.leader_stored:
@@ -170,6 +173,19 @@ class _Receipts:
                 await self._store.record_job_ids(epoch.jobs)
         except PyMongoError as exc:
             _receipt_lost(len(epoch.jobs), exc)
+
+    async def record(self, leader: str, leader_stored: bool, jobs: dict[str, int]) -> None:
+        """A batch's receipt, written in the background: its callers need not wait for it
+        (the sweep allows ``RECEIPT_DELAY_S`` for it, as for an epoch's). Returns at once
+        unless ``_MAX_UNWRITTEN`` receipts are still being written (MongoDB is slow): then it
+        waits for one, so receipts never pile up without bound."""
+        epoch = _Epoch(leader, asyncio.get_running_loop().create_future())
+        epoch.leader_stored, epoch.jobs, epoch.closing = leader_stored, jobs, True
+        self._unwritten = {f for f in self._unwritten if not f.done()}
+        if len(self._unwritten) >= _MAX_UNWRITTEN:
+            await asyncio.wait(self._unwritten, return_when=asyncio.FIRST_COMPLETED)
+        self._unwritten.add(epoch.written)
+        self._write(epoch)
 
     async def close(self, within: float) -> None:
         """Write every open receipt now, waiting at most ``within`` seconds."""
@@ -215,13 +231,11 @@ class Producer(AsyncResource):
         self.settings = settings.for_test() if test else settings
         b = self.settings.beanstalkd
         self.store = MailStore(self.settings, socket_timeouts=True)
-        self.queue = Beanstalk(
-            b.host, b.port, connect_timeout=b.connect_timeout_s, command_timeout=b.command_timeout_s
-        )
+        self.queue = Fleet.from_settings(b)  # one or several beanstalkd servers
         self._meter = ThroughputMeter("Producer", self.settings.throughput_interval_s)
-        self._reconnect_lock = asyncio.Lock()
+        self._suppression = SuppressionCheck(self.store, self.settings.suppression.mode)
         self._sends: Batcher[_Entry, str | MailerError] = Batcher(
-            self._store_and_queue,
+            self._screen_store_and_queue,
             max_batch=_MAX_BATCH,
             max_weight=_MAX_BATCH_BYTES,
             weigh=lambda e: e.size,
@@ -322,6 +336,8 @@ class Producer(AsyncResource):
     async def _send_alone(self, entry: _Entry) -> str:
         """Insert (acknowledged), then put; the receipt is left to the background."""
         doc = entry.doc
+        if (refused := (await self._suppression.screen([doc]))[0]) is not None:
+            raise refused
         epoch = self._receipts.join(doc)
         doc["queued_ts"] = time.time()
         mail_id, new, job = str(doc["_id"]), False, None
@@ -330,8 +346,8 @@ class Producer(AsyncResource):
                 mail_id, new = await self.store.insert(doc)
             except Exception as exc:
                 raise _write_failed(exc) from None
-            if not new:
-                return mail_id  # the idempotency key's earlier mail: nothing queued
+            if not new or not to_queue(doc):
+                return mail_id  # the idempotency key's earlier mail, or every recipient suppressed
             try:
                 job = await self._put_one(mail_id, entry.priority, entry.delay)
             except BeanstalkError as exc:
@@ -359,6 +375,7 @@ class Producer(AsyncResource):
                 errors.extend((f"[{i}].{field}", msg) for field, msg in exc.errors)
         if errors:
             raise EmailValidationError(errors)
+        await self._suppression.screen_all([e.doc for e in entries])  # one query; refuses all or drops
         ids: list[str] = []
         refused: list[StoreError] = []
         unqueued: list[EnqueueError] = []
@@ -384,6 +401,14 @@ class Producer(AsyncResource):
             raise EnqueueError([m for e in unqueued for m in e.mail_ids], cause, all_ids=ids)
         return ids
 
+    async def _screen_store_and_queue(self, entries: list[_Entry]) -> list[str | MailerError]:
+        """A group commit: the suppression check for the whole batch (one query), then the write
+        of the mails it lets through; a refused mail's caller gets its RecipientSuppressed."""
+        refused = await self._suppression.screen([e.doc for e in entries])
+        kept = [e for e, r in zip(entries, refused, strict=True) if r is None]
+        stored = iter(await self._store_and_queue(kept) if kept else [])
+        return [r if r is not None else next(stored) for r in refused]
+
     async def _store_and_queue(self, entries: list[_Entry]) -> list[str | MailerError]:
         """One ``insert_many``, then one pipelined write of puts per (priority, delay), then
         one small write of the puts' receipt (what makes the requeue sweep exact).
@@ -405,7 +430,7 @@ class Producer(AsyncResource):
                 continue
             mail_id, new = outcome
             results.append(mail_id)
-            if new:
+            if new and to_queue(entry.doc):  # a mail left with no recipient is stored, not queued
                 groups.setdefault((entry.priority, entry.delay), []).append(i)
         queued: dict[str, int] = {}
         for (priority, delay), indexes in groups.items():
@@ -423,28 +448,13 @@ class Producer(AsyncResource):
                 else:
                     queued[mail_id] = put
         self._meter.add(len(queued))
-        await self._record_jobs(leader, stored, queued)
+        # The receipt goes on the leader, or per mail if the leader was not stored; in the
+        # background (a failure is logged: without it, once the in-flight bound has passed the
+        # sweep queues the mails a second time, which is harmless: one claim delivers).
+        fresh = {o[0] for o in stored if isinstance(o, tuple) and o[1]}
+        if fresh:
+            await self._receipts.record(leader, leader in fresh, queued)
         return results
-
-    async def _record_jobs(
-        self, leader: str, stored: Sequence[tuple[str, bool] | StoreError], jobs: dict[str, int]
-    ) -> None:
-        """Write the receipt; on the leader, or per mail if the leader was not stored.
-
-        A failure here is logged, not raised: the mails are stored and queued. Without the
-        receipt the sweep cannot see their jobs, and once the in-flight bound has passed it
-        queues them a second time, which is harmless (the consumer's claim lets one deliver).
-        """
-        new = {o[0] for o in stored if isinstance(o, tuple) and o[1]}
-        if not new:
-            return
-        try:
-            if leader in new:
-                await self.store.record_jobs(leader, jobs)
-            else:
-                await self.store.record_job_ids(jobs)
-        except PyMongoError as exc:
-            _receipt_lost(len(jobs), exc)
 
     async def status(self, mail_id: str) -> MailRecord:
         """The stored record of a mail: status, attempts, vendor, message id."""
@@ -454,30 +464,15 @@ class Producer(AsyncResource):
     # --- the queue, with one reconnect ---------------------------------------------------
 
     async def _put_many(self, ids: list[str], priority: int, delay: int) -> list[int | BeanstalkServerError]:
+        """Pipelined puts, each mail on its own server (by its id); a server that fails is
+        reconnected once, then the next server takes its mails (see :mod:`mailer.fleet`)."""
         ttr = self.settings.beanstalkd.ttr_s
-        bodies = [i.encode() for i in ids]
-        try:
-            return await self.queue.put_many(bodies, priority=priority, delay=delay, ttr=ttr)
-        except (BeanstalkConnectionError, BeanstalkTimeoutError):
-            # Some of these may have been queued before the connection dropped; a second
-            # job for a mail is harmless (the consumer's claim lets only one deliver).
-            await self._reconnect()
-            return await self.queue.put_many(bodies, priority=priority, delay=delay, ttr=ttr)
+        return await self.queue.put_many(ids, priority=priority, delay=delay, ttr=ttr)
 
     async def _put_one(self, mail_id: str, priority: int, delay: int) -> int:
+        """As :meth:`_put_many`: the fleet job id, or the last server's error."""
         ttr = self.settings.beanstalkd.ttr_s
-        try:
-            return await self.queue.put(mail_id.encode(), priority=priority, delay=delay, ttr=ttr)
-        except (BeanstalkConnectionError, BeanstalkTimeoutError):
-            await self._reconnect()  # as in _put_many: a second job for a mail is harmless
-            return await self.queue.put(mail_id.encode(), priority=priority, delay=delay, ttr=ttr)
-
-    async def _reconnect(self) -> None:
-        """Reconnect once for every task that saw the same broken connection."""
-        async with self._reconnect_lock:
-            if not self.queue.connected:
-                log.warning("beanstalkd connection lost; reconnecting")
-                await self.queue.reconnect()
+        return await self.queue.put(mail_id, priority=priority, delay=delay, ttr=ttr)
 
     # --- withdrawing a mail ------------------------------------------------------------
 

@@ -37,6 +37,12 @@ write failed or whose writer died between its puts and its receipt. Such a mail 
 job too many; the consumer's atomic claim lets only one job deliver it, the other is deleted
 unsent.
 
+With several beanstalkd servers (:mod:`mailer.fleet`) a recorded job id names its server
+too, and each peek goes to that server. A server that cannot be reached counts as having lost
+its jobs (while at least one other answers): its mails are put on the others. If it comes back
+with its binlog, its jobs are twins, and the claim still lets only one job deliver each mail
+(a twin finds the mail sent, or under another live claim, and is deleted).
+
 The work is batched: candidates come in chunks of 1,000, their receipts in one ``find``,
 their jobs in pipelined ``peek``s, the compare-and-set in one ``update_many``, the new jobs
 in one pipelined ``put_many`` and their ids in one ``bulk_write``.
@@ -44,7 +50,6 @@ in one pipelined ``put_many`` and their ids in one ``bulk_write``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -53,6 +58,7 @@ from dataclasses import dataclass, field
 
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings
+from mailer.fleet import Fleet
 from mailer.store import RECEIPT_DELAY_S, Doc, MailStore
 
 log = logging.getLogger("mailer.requeue")
@@ -91,7 +97,7 @@ def in_flight_s(settings: Settings) -> float:
 async def sweep(
     settings: Settings,
     store: MailStore,
-    queue: Beanstalk,
+    queue: Fleet | Beanstalk,
     *,
     older_than_s: float,
     dry_run: bool = False,
@@ -102,21 +108,23 @@ async def sweep(
 
     ``older_than_s`` only narrows the candidates (mails whose time to go came that long
     ago); whether a candidate is an orphan is asked of beanstalkd (see the module's
-    docstring). ``limit`` caps the mails requeued by one sweep.
+    docstring). ``limit`` caps the mails requeued by one sweep. ``queue`` is every server
+    (a lone :class:`Beanstalk` connection is the one server).
     """
     now = time.time() if now is None else now
-    await queue.use(settings.beanstalkd.tube)
+    fleet = queue if isinstance(queue, Fleet) else Fleet([queue])
+    await fleet.use(settings.beanstalkd.tube)
     token = uuid.uuid4().hex
     report = SweepReport(threshold_s=older_than_s, dry_run=dry_run)
     async for chunk in store.find_orphans(older_than_s=older_than_s, now=now):
-        orphans = await _orphans(store, queue, chunk, now=now, bound=in_flight_s(settings), report=report)
+        orphans = await _orphans(store, fleet, chunk, now=now, bound=in_flight_s(settings), report=report)
         if limit is not None:
             orphans = orphans[: max(0, limit - len(report.requeued))]
         report.found += len(orphans)
         if dry_run:
             report.requeued.extend(str(d["_id"]) for d in orphans)
         elif orphans:
-            await _requeue(settings, store, queue, orphans, token=token, now=now, report=report)
+            await _requeue(settings, store, fleet, orphans, token=token, now=now, report=report)
         if limit is not None and len(report.requeued) >= limit:
             break
     if report.requeued and not dry_run:
@@ -146,10 +154,10 @@ def _being_written(doc: Doc, receipts: dict[str, dict[str, int] | None], now: fl
     return float(doc.get("queued_ts") or 0.0) > now - bound
 
 
-async def _live_jobs(queue: Beanstalk, wanted: Sequence[tuple[str, int]]) -> set[str]:
+async def _live_jobs(queue: Fleet, wanted: Sequence[tuple[str, int]]) -> set[str]:
     """The mail ids of ``(mail id, job id)`` pairs whose job beanstalkd still holds, in any
-    state, with that mail's id as its body. The peeks are pipelined on one connection."""
-    jobs = await asyncio.gather(*(queue.peek(job_id) for _, job_id in wanted))
+    state, with that mail's id as its body. The peeks are pipelined, each on its server."""
+    jobs = await queue.peek_all([job_id for _, job_id in wanted])
     return {
         mail_id
         for (mail_id, _), job in zip(wanted, jobs, strict=True)
@@ -158,7 +166,7 @@ async def _live_jobs(queue: Beanstalk, wanted: Sequence[tuple[str, int]]) -> set
 
 
 async def _orphans(
-    store: MailStore, queue: Beanstalk, chunk: list[Doc], *, now: float, bound: float, report: SweepReport
+    store: MailStore, queue: Fleet, chunk: list[Doc], *, now: float, bound: float, report: SweepReport
 ) -> list[Doc]:
     """The candidates of ``chunk`` no job in beanstalkd can deliver."""
     receipts = await store.receipts(str(d["batch"]) for d in chunk if d.get("batch"))
@@ -178,7 +186,7 @@ async def _orphans(
 async def _requeue(
     settings: Settings,
     store: MailStore,
-    queue: Beanstalk,
+    queue: Fleet,
     orphans: list[Doc],
     *,
     token: str,
@@ -195,9 +203,8 @@ async def _requeue(
             by_priority.setdefault(priority, []).append(str(doc["_id"]))
     jobs: dict[str, int] = {}
     for priority, ids in by_priority.items():
-        puts = await queue.put_many(
-            [i.encode() for i in ids], priority=priority, ttr=settings.beanstalkd.ttr_s
-        )
+        # Each on its mail's own server, or the next one that answers (see mailer.fleet).
+        puts = await queue.put_many(ids, priority=priority, ttr=settings.beanstalkd.ttr_s)
         for mail_id, put in zip(ids, puts, strict=True):
             if isinstance(put, int):
                 jobs[mail_id] = put

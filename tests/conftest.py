@@ -80,6 +80,11 @@ async def make_settings(base_settings: Settings) -> AsyncIterator[MakeSettings]:
         async with MailStore(settings) as store:
             await store.mails.drop()
             await store.vendor_status.drop()
+            # And what is named after the mails collection (outbox, events, suppressions...).
+            db, prefix = store.mails.database, settings.mongodb.collection + "_"
+            for name in await db.list_collection_names():
+                if name.startswith(prefix):
+                    await db[name].drop()
             await store.consumers.delete_many({"tube": settings.beanstalkd.tube})
 
 

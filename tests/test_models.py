@@ -569,3 +569,40 @@ def test_address_fast_path_agrees_with_email_validator_and_the_stdlib_parser() -
             pairs = getaddresses([text])
             ok = len(pairs) == 1 and pairs[0][1] and pairs[0][1] in text
             assert outcome(got) == outcome(pairs[0] if ok else None), text
+
+
+def test_the_rough_size_bound_is_never_below_the_exact_one() -> None:
+    """The cap skips the exact sum when the cheap bound is under it; a bound below ``size()``
+    would let an oversized mail through. Checked on the builders' varied random mails, and on
+    bodies that grow the most when encoded."""
+    from tests.vendors.test_builders import accepted_mails
+
+    worst = [
+        mail(text="=" * 5000, html="\u00e9\U0001f600" * 3000, subject="\u00e9" * 900),
+        mail(text="\n" * 4000, to=[f"\u00c5sa {i} <a{i}@b\u00fccher.example>" for i in range(40)]),
+    ]
+    for email in [*accepted_mails(), *(parse_email(m) for m in worst)]:
+        assert email._rough_bound() >= email.size(), email
+
+
+def test_a_mail_just_over_the_cap_is_refused_even_when_the_rough_bound_is_skipped() -> None:
+    e = parse_email(mail(text="\u00e9" * 3000))
+    with pytest.raises(EmailValidationError, match="limit is"):
+        parse_email(mail(text="\u00e9" * 3000), max_bytes=e.size() - 1)
+    assert parse_email(mail(text="\u00e9" * 3000), max_bytes=e.size()) == e
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"subject": "a\ud800b"},
+        {"metadata": {"k\udcff": 1}},
+        {"headers": {"X-A": "\udc80"}},
+        {"to": [{"email": "a@example.com", "name": "\ud83d"}]},
+    ],
+)
+def test_lone_surrogates_anywhere_are_named(changes: dict[str, Any]) -> None:
+    """The clean-input fast path must send every lone surrogate to the walk that names it."""
+    with pytest.raises(EmailValidationError) as info:
+        parse_email(mail(**changes))
+    assert any("UTF-8" in msg for _, msg in info.value.errors), info.value.errors

@@ -176,7 +176,7 @@ async def test_claim_then_finish_reads_back_typed(store: MailStore) -> None:
     assert claim.state is ClaimState.CLAIMED
     assert claim.doc is not None
     assert claim.doc["status"] == "sending" and claim.doc["job_id"] == 77 and claim.doc["rounds"] == 1
-    assert claim.doc["attempts"] == []
+    assert claim.doc.get("attempts", []) == []  # not stored until a round writes the list
     assert claim.email == email
     assert isinstance(claim.doc["updated_at"], dt.datetime)
 
@@ -187,7 +187,7 @@ async def test_claim_then_finish_reads_back_typed(store: MailStore) -> None:
             Finish(
                 mail_id,
                 Status.SENT,
-                [*claim.doc["attempts"], attempt_doc(failed), attempt_doc(sent)],
+                [*claim.doc.get("attempts", []), attempt_doc(failed), attempt_doc(sent)],
                 vendor="sparkpost",
                 message_id="sp-123",
             )
@@ -245,7 +245,14 @@ async def test_finish_many_writes_every_mail_and_keeps_earlier_attempts(store: M
     assert [Attempt.model_validate(a) for a in claim.doc["attempts"]] == [first]
     second = attempt("mailgun", "permanent", error="bad recipient")
     await store.finish_many(
-        [Finish(ids[0], Status.FAILED, [*claim.doc["attempts"], attempt_doc(second)], error="bad recipient")]
+        [
+            Finish(
+                ids[0],
+                Status.FAILED,
+                [*claim.doc.get("attempts", []), attempt_doc(second)],
+                error="bad recipient",
+            )
+        ]
     )
     r = await store.get(ids[0])
     assert r.status is Status.FAILED and r.attempts == [first, second] and r.error == "bad recipient"
@@ -418,7 +425,15 @@ async def test_status_counts(store: MailStore) -> None:
         await claiming.claim(store, ObjectId(mail_id), job_id=1, consumer="a", lease_s=60)
         await store.finish_many([Finish(mail_id, status, [], vendor="v", message_id="m")])
     counts = await store.status_counts()
-    assert counts == {"queued": 2, "sending": 1, "retrying": 0, "sent": 2, "failed": 1, "cancelled": 0}
+    assert counts == {
+        "queued": 2,
+        "sending": 1,
+        "retrying": 0,
+        "sent": 2,
+        "failed": 1,
+        "cancelled": 0,
+        "suppressed": 0,
+    }
 
 
 async def orphans(store: MailStore, **kw: Any) -> list[Doc]:
@@ -433,7 +448,9 @@ async def test_find_orphans_in_chunks_and_mark_requeued(store: MailStore) -> Non
     assert [len(c) for c in chunks] == [2, 2, 1]
     seen = [d for c in chunks for d in c]
     assert sorted(str(d["_id"]) for d in seen) == sorted(ids)
-    assert {"batch", "queued_ts", "requeued_ts", "job_id", "priority"} <= set(seen[0])
+    assert {"batch", "queued_ts", "priority"} <= set(seen[0])
+    # Not stored at insert (each field costs every insert); absent reads as None.
+    assert seen[0].get("requeued_ts") is None and seen[0].get("job_id") is None
     won = await store.mark_requeued(seen[:3], token="a", now=now)
     assert won == {d["_id"] for d in seen[:3]}
     # A second sweep that read the same documents loses the compare-and-set on those three.

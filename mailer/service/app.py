@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +16,11 @@ from mailer.models import Email
 from mailer.producer import Producer
 from mailer.service import problems
 from mailer.service.auth import KeyRing
+from mailer.service.console import install as install_console
 from mailer.service.metrics import ApiMetrics, MetricsMiddleware, scrape
 from mailer.service.routes import REF, api, probes
+from mailer.service.suppressions import suppressions
+from mailer.service.webhooks import webhooks
 
 DESCRIPTION = (
     "Send e-mail through mailer from any language: each mail is validated, stored in MongoDB "
@@ -44,6 +48,15 @@ def _mail_schemas(max_batch: int) -> dict[str, Any]:
         },
     }
     return {**defs, "Email": email, "EmailBatch": batch}
+
+
+def _no_telemetry() -> dict[str, Any]:
+    """FastAPI's built-in OpenTelemetry hooks off (the API has its own Prometheus metrics):
+    left on, they look up the global tracer and meter providers, reading the environment, on
+    every request. Only FastAPI releases that have them take the argument."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 class MailerApi(FastAPI):
@@ -75,7 +88,9 @@ def create_app(settings: Settings, *, producer: Producer | None = None) -> Maile
             app.state.producer = own
             yield
 
-    app = MailerApi(title="mailer", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = MailerApi(
+        title="mailer", version=__version__, description=DESCRIPTION, lifespan=lifespan, **_no_telemetry()
+    )
     app.body_schemas = _mail_schemas(settings.api.max_batch)
     app.state.settings = settings
     app.state.keys = KeyRing(settings.api.keys)
@@ -83,6 +98,9 @@ def create_app(settings: Settings, *, producer: Producer | None = None) -> Maile
     app.include_router(api)
     app.include_router(probes)
     app.include_router(scrape)
+    app.include_router(webhooks)  # not behind [api] keys: each vendor authenticates its own way
+    app.include_router(suppressions)
+    install_console(app)  # the web console at /, signed in with the same [api] keys
     app.state.metrics = ApiMetrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 

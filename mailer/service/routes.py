@@ -4,6 +4,7 @@ accepts, stores and queues is exactly what the SDK does."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -11,7 +12,8 @@ from fastapi.responses import JSONResponse
 
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings
-from mailer.errors import EmailValidationError, EnqueueError
+from mailer.errors import EmailValidationError, EnqueueError, RecipientSuppressed
+from mailer.events import delivery_view
 from mailer.models import Email, Status
 from mailer.producer import Producer
 from mailer.service.auth import authorize
@@ -28,8 +30,10 @@ from mailer.service.schemas import (
     MailStatus,
     Ready,
 )
+from mailer.service.suppressions import send_many_but_suppressed
 from mailer.store import parse_mail_id
 
+log = logging.getLogger("mailer.service")
 READY_TIMEOUT_S = 2.0
 REF = "#/components/schemas/{model}"
 
@@ -43,7 +47,9 @@ def _json_body(ref: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def producer_of(request: Request) -> Producer:
+async def producer_of(request: Request) -> Producer:
+    """Async on purpose: FastAPI runs a plain ``def`` dependency in a worker thread, which
+    cost the send route a thread hand-off per request (about a sixth of its CPU)."""
     producer: Producer = request.app.state.producer
     return producer
 
@@ -140,11 +146,15 @@ async def send_batch(request: Request, producer: ProducerDep) -> BatchResult:
             results.append(error_body((f"emails[{i}].{field}", msg) for field, msg in exc.errors))
     unqueued: set[str] = set()
     ids: list[str] = []
+    refused: dict[int, RecipientSuppressed] = {}
     if valid:
         try:
-            ids = await producer.send_many(valid)
+            ids = await send_many_but_suppressed(producer, valid, refused)
         except EnqueueError as exc:
             ids, unqueued = exc.all_ids, set(exc.mail_ids)
+    at = [i for i, r in enumerate(results) if r is None]  # a suppressed mail is refused alone
+    for k, err in refused.items():
+        results[at[k]] = error_body((f"emails[{at[k]}].{field}", msg) for field, msg in err.errors)
     it = iter(ids)
     done = [
         r if r is not None else BatchAccepted(id=(m := next(it)), queued=m not in unqueued) for r in results
@@ -164,8 +174,9 @@ async def send_batch(request: Request, producer: ProducerDep) -> BatchResult:
     summary="A mail's status",
 )
 async def get_email(mail_id: str, producer: ProducerDep) -> MailStatus:
-    """Status, attempts, vendor and timestamps (not the mail's content)."""
-    return MailStatus.of(await producer.status(_mail_id(mail_id)))
+    """Status, attempts, vendor and timestamps (not the mail's content); delivery events."""
+    record = await producer.status(_mail_id(mail_id))
+    return MailStatus.of(record, await delivery_view(producer.store, record.id))
 
 
 @api.delete(
@@ -197,12 +208,22 @@ async def _answers(check: Any) -> str:
     return "ok"
 
 
-async def _beanstalkd_stats(settings: Settings) -> None:
-    b = settings.beanstalkd
-    async with Beanstalk(
-        b.host, b.port, connect_timeout=READY_TIMEOUT_S, command_timeout=READY_TIMEOUT_S
-    ) as bs:
+async def _server_stats(host: str, port: int) -> None:
+    async with Beanstalk(host, port, connect_timeout=READY_TIMEOUT_S, command_timeout=READY_TIMEOUT_S) as bs:
         await bs.stats()
+
+
+async def _beanstalkd_stats(settings: Settings) -> None:
+    """Ready while any beanstalkd server answers: the producer puts a mail on the next server
+    when its own is down, so one server down must not take every API instance out of a load
+    balancer. The ones that do not answer are named."""
+    addresses = settings.beanstalkd.addresses()
+    results = await asyncio.gather(*(_answers(_server_stats(h, p)) for h, p in addresses))
+    down = [f"{h}:{p} ({r})" for (h, p), r in zip(addresses, results, strict=True) if r != "ok"]
+    if len(down) == len(addresses):
+        raise ConnectionError("; ".join(down))
+    if down:
+        log.warning("beanstalkd server(s) not answering: %s", "; ".join(down))
 
 
 @probes.get(

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mailer.events import DeliverySummary, DeliveryView, EventItem
 from mailer.models import Attempt, MailRecord, Status
 
 STORED_NOT_QUEUED = (
@@ -67,9 +68,14 @@ class MailStatus(_Body):
     rounds: int = Field(ge=0)
     attempts: list[Attempt]
     idempotency_key: str | None = None
+    # What vendors reported after 'sent' (webhooks), and recipients dropped as suppressed.
+    delivery: DeliverySummary | None = None
+    events: list[EventItem] = Field(default_factory=list)
+    suppressed: list[str] = Field(default_factory=list)
 
     @classmethod
-    def of(cls, record: MailRecord) -> MailStatus:
+    def of(cls, record: MailRecord, view: DeliveryView | None = None) -> MailStatus:
+        view = view or DeliveryView()
         return cls(
             id=record.id,
             status=record.status,
@@ -82,6 +88,9 @@ class MailStatus(_Body):
             rounds=record.rounds,
             attempts=record.attempts,
             idempotency_key=record.idempotency_key,
+            delivery=view.delivery,
+            events=view.events,
+            suppressed=view.suppressed,
         )
 
 

@@ -11,11 +11,19 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import uvicorn
 
-from mailer.cmdline import CommandParser, add_logging, add_version, count, parse_args, run_guarded
+from mailer.cmdline import (
+    CommandParser,
+    UsageError,
+    add_logging,
+    add_version,
+    count,
+    parse_args,
+    run_guarded,
+)
 from mailer.config import DEFAULT_CONFIG_FILE, Settings, load_settings
 from mailer.errors import ConfigError
 from mailer.logs import setup_logging
@@ -40,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="store_true", help="use the [test] tube and collections")
     p.add_argument("--host", default=None, help="listen address (default: [api] host, 127.0.0.1)")
     p.add_argument("--port", type=count(1), default=None, help="listen port (default: [api] port, 8025)")
+    p.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: auto (uvloop when installed, as uvicorn does: pip install 'mailer[fast]'; "
+        "about a fifth less CPU per request), asyncio or uvloop",
+    )
     add_logging(p, third_party="they print whole requests")
     return p
 
@@ -84,6 +99,20 @@ async def serve(settings: Settings, host: str, port: int) -> int:
         return 0 if server.started else 1
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to serve on; None is asyncio's own. ``uvloop`` asked for by name and
+    missing is a usage error, not a silent fallback."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise UsageError("--loop uvloop: uvloop is not installed (pip install 'mailer[fast]')") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(_parser(), argv)
     if isinstance(args, int):
@@ -93,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def start() -> int:
         settings = load_settings(args.config, test=args.test)
         host = bind_address(settings, args.host)
-        return asyncio.run(serve(settings, host, args.port or settings.api.port))
+        with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+            return runner.run(serve(settings, host, args.port or settings.api.port))
 
     return run_guarded("mailer-api", start)
 

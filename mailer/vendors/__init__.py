@@ -64,6 +64,7 @@ def build_vendors(settings: Settings) -> list[Vendor]:
                 failure_rate=sim.failure_rate,
                 throttle_rate=sim.throttle_rate.get(n, 0.0),
                 throttle_retry_after_s=sim.throttle_retry_after_s,
+                keep_raw=sim.keep_raw,
             )
             for n in names
         ]

@@ -46,9 +46,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """A vendor accepted the mail; ``message_id`` is the vendor's own id for it."""
+    """A vendor accepted the mail; ``message_id`` is the vendor's own id for it. ``raw`` is
+    the whole MIME message, only from the simulated vendor (the development outbox)."""
 
     message_id: str
+    raw: bytes | None = None
 
 
 @runtime_checkable

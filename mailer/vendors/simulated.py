@@ -3,6 +3,10 @@
 Each configured vendor name gets a simulated stand-in, so round robin, failover and the
 stored records look exactly as they will in production. Latency and a failure rate can be
 dialled in for load tests.
+
+With ``keep_raw`` (``[simulation] keep_raw``, on by default) each send also renders the whole
+MIME message through :mod:`mailer.vendors.mime`, the SMTP vendor's builder, and returns it on
+the :class:`SendResult`: the development outbox then shows exactly what would have gone out.
 """
 
 from __future__ import annotations
@@ -15,9 +19,16 @@ import os
 import random
 
 from mailer.capabilities import LIMITS, enforce
-from mailer.errors import TransientVendorError, VendorThrottled
+from mailer.errors import PermanentVendorError, TransientVendorError, VendorThrottled
 from mailer.models import Email
 from mailer.vendors.base import SendResult
+from mailer.vendors.mime import (
+    build_message,
+    make_message_id,
+    message_bytes,
+    metadata_headers,
+    needs_smtputf8,
+)
 
 log = logging.getLogger("mailer.vendors.simulated")
 
@@ -34,6 +45,7 @@ class SimulatedVendor:
         throttle_rate: float = 0.0,
         throttle_retry_after_s: float = 1.0,
         keep: int = 1000,
+        keep_raw: bool = True,
         rng: random.Random | None = None,
     ) -> None:
         self.name = name
@@ -41,6 +53,7 @@ class SimulatedVendor:
         self.failure_rate = failure_rate
         self.throttle_rate = throttle_rate
         self.throttle_retry_after_s = throttle_retry_after_s
+        self.keep_raw = keep_raw
         self.sent: collections.deque[tuple[str, str]] = collections.deque(maxlen=keep)
         self.count = 0
         self._rng = rng or random.Random()
@@ -68,8 +81,25 @@ class SimulatedVendor:
         check = LIMITS.get(self.name)
         if check is not None:
             enforce(check, self.name, email)
+        raw = self._render(email, mail_id) if self.keep_raw else None
         self.count += 1
         message_id = f"{self._prefix}-{next(self._ids)}"
         self.sent.append((mail_id, message_id))
         log.debug("simulated %s sent mail %s as %s", self.name, mail_id, message_id)
-        return SendResult(message_id)
+        return SendResult(message_id, raw=raw)
+
+    def _render(self, email: Email, mail_id: str) -> bytes:
+        """The bytes the SMTP vendor would put on DATA, built the same way (same headers,
+        metadata header and encodings), so the outbox is what a relay would have received;
+        a mail that cannot be rendered fails as it would there."""
+        try:
+            msg = build_message(
+                email,
+                mail_id,
+                message_id=make_message_id(email),
+                extra_headers=metadata_headers(email.metadata),
+                utf8=needs_smtputf8(email),
+            )
+            return message_bytes(msg)
+        except ValueError as exc:
+            raise PermanentVendorError(self.name, f"cannot build the message: {exc}") from None

@@ -301,7 +301,9 @@ def scenario_settings(
             "consumer": base.consumer.model_copy(
                 update={"requeue_interval_s": 0.0, "grace_s": 5.0, **(consumer or {})}
             ),
-            "simulation": base.simulation.model_copy(update=simulation or {}),
+            # No development outbox: production never builds one, and its writes would load
+            # the MongoDB whose faults these scenarios measure.
+            "simulation": base.simulation.model_copy(update={"keep_raw": False, **(simulation or {})}),
         }
     )
 

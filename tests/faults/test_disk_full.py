@@ -130,7 +130,9 @@ async def test_mongodb_data_disk_full(
         sent_at_free = await store.mails.count_documents({"status": {"$eq": "sent"}})
         disk.free()
         freed = time.monotonic()
-        settled = await settled_within(store, N_MONGO, within=45, what="after the space was freed")
+        # The bound: a put-off job waits up to 30 s (delivery._put_off), a held claim its 15 s
+        # lease, then the backlog drains; 45 s had been met with 3 s to spare on a quiet machine.
+        settled = await settled_within(store, N_MONGO, within=75, what="after the space was freed")
         everyone = [*consumers, late]
         t = await tally(store, feeder.accepted, total_sends(everyone))
         logs = [c.output() for c in everyone]
@@ -145,7 +147,7 @@ async def test_mongodb_data_disk_full(
                 f"{filled_bytes // 1024} KB filler; {sent_at_free} of {N_MONGO} sent when freed; "
                 f"{twins} job(s) deleted as twins; {held} sent mail(s) held their record; "
                 f"no requeue; a consumer started while full said: {said or 'nothing'}"
-                + ("" if settled is not None else f"; NOT settled 45 s after: {t.statuses}")
+                + ("" if settled is not None else f"; NOT settled 75 s after: {t.statuses}")
             ),
         )
         for c in consumers:
@@ -221,7 +223,7 @@ async def test_beanstalkd_binlog_disk_full(
                 f"puts refused (OUT_OF_MEMORY): {unqueued} mails stored but not queued "
                 f"({unqueued_while_full} while full), producer errors {dict(feeder.error_types)}; "
                 f"`mailer requeue --older-than 0` requeued {requeued}"
-                + ("" if settled is not None else f"; NOT settled 45 s after: {t.statuses}")
+                + ("" if settled is not None else f"; NOT settled 75 s after: {t.statuses}")
             ),
         )
         assert await consumer.terminate() == 0, consumer.tail()
