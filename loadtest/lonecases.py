@@ -162,49 +162,6 @@ async def run(base: Settings, n: int, note: Callable[[str, str], None] | None = 
     return values
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
-    p.add_argument("--mails", type=int, default=10000, help="mails per case and round (10,000)")
-    p.add_argument(
-        "--decompose",
-        action="store_true",
-        help="instead: the lone send's cost step by step from the raw baseline",
-    )
-    a = p.parse_args(argv)
-    base = settings_or_exit(PROG).for_test()
-    if a.decompose:
-        runs = [asyncio.run(decompose(base, a.mails)) for _ in range(a.rounds)]
-        raw = statistics.median(r["original doc, no index"] for r in runs)
-        for key in runs[0]:
-            rate = statistics.median(r[key] for r in runs)
-            print(f"  {key:<26} {rate:7,.0f} mails/s  {rate / raw:.2f} of raw")
-        return 0
-
-    def note(key: str, text: str) -> None:
-        print(f"  {key:<14} {text}", flush=True)
-
-    rounds: list[dict[str, float]] = []
-    for i in range(a.rounds):
-        print(f"round {i + 1} of {a.rounds}", flush=True)
-        rounds.append(asyncio.run(run(base, a.mails, note)))
-    ratio = {
-        "lone_send / raw_lone": [r["lone_send"] / r["raw_lone"] for r in rounds],
-        "cpu_lone / raw_lone_cpu": [r["cpu_lone_x"] for r in rounds],
-        "many_send / raw_many_put": [r["many_send"] / r["raw_many_put"] for r in rounds],
-    }
-    print("medians:")
-    for key in rounds[0]:
-        print(f"  {key:<24} {statistics.median(r[key] for r in rounds):,.2f}")
-    for key, values in ratio.items():
-        print(f"  {key:<24} {statistics.median(values):.2f}  ({', '.join(f'{v:.2f}' for v in values)})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 async def decompose(base: Settings, n: int) -> dict[str, float]:
     """Where the lone send's time goes, step by step from the raw baseline to ``send``, each
     on a fresh collection and awaited in turn: the original's document, then ours (built
@@ -253,3 +210,46 @@ async def decompose(base: Settings, n: int) -> dict[str, float]:
 
     await _scratch(base, "ld", steps)
     return rates
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    p.add_argument("--mails", type=int, default=10000, help="mails per case and round (10,000)")
+    p.add_argument(
+        "--decompose",
+        action="store_true",
+        help="instead: the lone send's cost step by step from the raw baseline",
+    )
+    a = p.parse_args(argv)
+    base = settings_or_exit(PROG).for_test()
+    if a.decompose:
+        runs = [asyncio.run(decompose(base, a.mails)) for _ in range(a.rounds)]
+        raw = statistics.median(r["original doc, no index"] for r in runs)
+        for key in runs[0]:
+            rate = statistics.median(r[key] for r in runs)
+            print(f"  {key:<26} {rate:7,.0f} mails/s  {rate / raw:.2f} of raw")
+        return 0
+
+    def note(key: str, text: str) -> None:
+        print(f"  {key:<14} {text}", flush=True)
+
+    rounds: list[dict[str, float]] = []
+    for i in range(a.rounds):
+        print(f"round {i + 1} of {a.rounds}", flush=True)
+        rounds.append(asyncio.run(run(base, a.mails, note)))
+    ratio = {
+        "lone_send / raw_lone": [r["lone_send"] / r["raw_lone"] for r in rounds],
+        "cpu_lone / raw_lone_cpu": [r["cpu_lone_x"] for r in rounds],
+        "many_send / raw_many_put": [r["many_send"] / r["raw_many_put"] for r in rounds],
+    }
+    print("medians:")
+    for key in rounds[0]:
+        print(f"  {key:<24} {statistics.median(r[key] for r in rounds):,.2f}")
+    for key, values in ratio.items():
+        print(f"  {key:<24} {statistics.median(values):.2f}  ({', '.join(f'{v:.2f}' for v in values)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

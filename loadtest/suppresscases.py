@@ -28,11 +28,23 @@ CONCURRENCY = 50
 LISTED = 10_000
 
 
-async def _send_concurrently(settings: Settings, n: int, listed: int) -> Measure:
+class _NoCheck:
+    """The producer as it was before suppression: every mail goes through unchecked."""
+
+    async def screen(self, docs: Sequence[object]) -> list[None]:
+        return [None] * len(docs)
+
+    async def screen_all(self, docs: Sequence[object]) -> None:
+        return None
+
+
+async def _send_concurrently(settings: Settings, n: int, listed: int, *, check: bool = True) -> Measure:
     async with MailStore(settings) as store:
         await store.add_suppressions([f"listed{i}@example.org" for i in range(listed)], reason="bench")
     mails = [sample_mail("suppress", i) for i in range(n)]
     async with Producer(settings) as producer:
+        if not check:
+            setattr(producer, "_suppression", _NoCheck())  # noqa: B010 (the unchecked baseline)
 
         async def caller(k: int) -> None:
             for mail in mails[k::CONCURRENCY]:
@@ -44,10 +56,10 @@ async def _send_concurrently(settings: Settings, n: int, listed: int) -> Measure
         return await timed(n, run)
 
 
-async def _case(base: Settings, kind: str, n: int, listed: int) -> Measure:
+async def _case(base: Settings, kind: str, n: int, listed: int, *, check: bool = True) -> Measure:
     settings = base.for_test(unique_suffix(kind))
     try:
-        return await _send_concurrently(settings, n, listed)
+        return await _send_concurrently(settings, n, listed, check=check)
     finally:
         await drain_tube(settings)
         async with MailStore(settings) as store:
@@ -58,12 +70,15 @@ async def _case(base: Settings, kind: str, n: int, listed: int) -> Measure:
 
 async def run(base: Settings, n: int, listed: int = LISTED) -> dict[str, float]:
     """One round: without, then with the listed addresses; rates and their ratio."""
+    unchecked = await _case(base, "sn", n, 0, check=False)
     without = await _case(base, "sx", n, 0)
     with_list = await _case(base, "sl", n, listed)
     return {
+        "send_50_no_check": unchecked.rate,
         "send_50_empty_list": without.rate,
         "send_50_listed": with_list.rate,
         "ratio": with_list.rate / without.rate if without.rate else 0.0,
+        "ratio_to_no_check": with_list.rate / unchecked.rate if unchecked.rate else 0.0,
     }
 
 
