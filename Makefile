@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 CONCURRENCY ?= 50
 
-.PHONY: help venv services services-stop services-status browser run api test lint bench loadtest faults clean
+.PHONY: help venv services services-stop services-status browser run api test lint bench loadtest faults screenshots clean
 
 help:
 	@echo "make run            set up, start beanstalkd + nx-27017, run a consumer (simulated sending)"
@@ -18,6 +18,7 @@ help:
 	@echo "make loadtest       10,000 mails through producer -> consumer, with a summary"
 	@echo "make bench          the benchmark matrix -> bench/results.json + bench/results.md"
 	@echo "make faults         the fault scenarios with their figures table"
+	@echo "make screenshots    the console screenshot in docs/ (the browser test)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@if [ ! -x "$(PY)" ]; then \
@@ -69,6 +70,10 @@ bench: services
 	$(PY) -m loadtest.bench $(ARGS)
 
 # Only this target (and bench) rewrites the committed figures; `make test` prints them only.
+# The README's console screenshot (docs/console-mail.png), taken by the browser test.
+screenshots: services browser
+	MAILER_WRITE_FIGURES=1 $(VENV)/bin/pytest tests/service/test_console_browser.py -p no:randomly $(PYTEST_ARGS)
+
 faults: services
 	MAILER_WRITE_FIGURES=1 $(VENV)/bin/pytest tests/faults -m slow -p no:randomly $(PYTEST_ARGS)
 
