@@ -21,7 +21,8 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from mailer.beanstalk import DEFAULT_PRIORITY, Beanstalk, Job
 from mailer.config import BeanstalkdSettings
@@ -41,6 +42,7 @@ _LOCAL_MASK = (1 << SERVER_SHIFT) - 1
 # connect timeout (a blackholed host costs connect_timeout_s per attempt).
 DOWN_S = 5.0
 _TRANSPORT = (BeanstalkConnectionError, BeanstalkTimeoutError)
+_T = TypeVar("_T")
 PutResult = int | BeanstalkServerError
 
 
@@ -180,22 +182,11 @@ class Fleet(AsyncResource):
         """Put one mail's id; its fleet job id. Raises the last server's error when no server
         took it."""
         body = mail_id.encode()
-        error: BeanstalkError | None = None
-        for server in self.order(server_of(mail_id, len(self.servers))):
-            queue = self.servers[server]
-            try:
-                try:
-                    job = await queue.put(body, priority=priority, delay=delay, ttr=ttr)
-                except _TRANSPORT:
-                    # As for a batch: a second job for a mail is harmless (one claim delivers).
-                    await self.revive(server)
-                    job = await queue.put(body, priority=priority, delay=delay, ttr=ttr)
-            except _TRANSPORT as exc:
-                error = self._failed(server, exc)
-                continue
-            return fleet_job_id(server, job)
-        assert error is not None
-        raise error
+        server, job = await self._on_some_server(
+            server_of(mail_id, len(self.servers)),
+            lambda queue: queue.put(body, priority=priority, delay=delay, ttr=ttr),
+        )
+        return fleet_job_id(server, job)
 
     async def put_many(
         self, mail_ids: Sequence[str], *, priority: int = DEFAULT_PRIORITY, delay: int = 0, ttr: int = 120
@@ -224,21 +215,31 @@ class Fleet(AsyncResource):
         self, first: int, mail_ids: list[str], priority: int, delay: int, ttr: int
     ) -> list[PutResult]:
         bodies = [m.encode() for m in mail_ids]
+        server, puts = await self._on_some_server(
+            first, lambda queue: queue.put_many(bodies, priority=priority, delay=delay, ttr=ttr)
+        )
+        return [p if isinstance(p, BeanstalkServerError) else fleet_job_id(server, p) for p in puts]
+
+    async def _on_some_server(
+        self, first: int, attempt: Callable[[Beanstalk], Awaitable[_T]]
+    ) -> tuple[int, _T]:
+        """``attempt`` on ``first``, reconnected once, then on each next server in turn; the
+        server that answered and its answer, or the last server's error when none did.
+
+        Retrying after a dropped connection may queue a mail twice (some puts may have gone
+        through before it dropped); that is harmless: the consumer's claim lets one job deliver.
+        """
         error: BeanstalkError | None = None
         for server in self.order(first):
             queue = self.servers[server]
             try:
                 try:
-                    puts = await queue.put_many(bodies, priority=priority, delay=delay, ttr=ttr)
+                    return server, await attempt(queue)
                 except _TRANSPORT:
-                    # Some may have been queued before the connection dropped; a second job for
-                    # a mail is harmless (the consumer's claim lets only one deliver).
                     await self.revive(server)
-                    puts = await queue.put_many(bodies, priority=priority, delay=delay, ttr=ttr)
+                    return server, await attempt(queue)
             except _TRANSPORT as exc:
                 error = self._failed(server, exc)
-                continue
-            return [p if isinstance(p, BeanstalkServerError) else fleet_job_id(server, p) for p in puts]
         assert error is not None
         raise error
 
