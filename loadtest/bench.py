@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from loadtest import apicases, cases, fleetcases, lonecases, ratecases, raw
+from loadtest import apicases, cases, consolecases, fleetcases, lonecases, ratecases, raw
 from loadtest.common import settings_or_exit
 from loadtest.producer import Mode
 from loadtest.report import Samples, summarise, write
@@ -39,9 +39,12 @@ class Sizes:
     send: int = 5000
     send_many: int = 10000
     drain: int = 10000
+    console: int = 100_000  # mails stored for the console's page times (issue 11)
 
 
-QUICK = Sizes(puts=5000, insert_one=1000, insert_many=2000, send=1000, send_many=2000, drain=1000)
+QUICK = Sizes(
+    puts=5000, insert_one=1000, insert_many=2000, send=1000, send_many=2000, drain=1000, console=5000
+)
 
 
 async def one_run(
@@ -115,6 +118,7 @@ async def one_run(
         cpu = ", ".join(f"{k} {v / f.mails * 1e6:,.0f}" for k, v in sorted(f.cpu_s.items()))
         note(f"fleet_{f.servers}", f"{f.rate:,.0f} mails/s; CPU us/mail: {cpu}")
     values.update(await ratecases.run_all(base, note))
+    values |= await consolecases.bench_rows(base, sizes.console, 20, sizes.send // 3, note)
     return values, extra
 
 

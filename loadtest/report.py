@@ -89,6 +89,27 @@ ROWS = (
     Row("api_batch", "POST /v1/emails/batch, 1,000 per request", "mails/s", "send_many", "min_ratio", 0.70),
     Row("cpu_api_send", "mailer-api CPU per mail, single", "us", "cpu_send"),
     Row("cpu_api_batch", "mailer-api CPU per mail, batch", "us", "cpu_send_many"),
+    # The console (issue 11): server time per page with 100,000 mails stored, against the
+    # issue's 150 ms budget; and what its indexes cost send (loadtest.consolecases).
+    Row("console_first_ms", "console: first page (50 rows)", "ms", "ideal:150", "max_ratio", 1.0),
+    Row("console_deep_ms", "console: a page 1,000 rows deep", "ms", "ideal:150", "max_ratio", 1.0),
+    Row(
+        "console_filtered_ms",
+        "console: status failed + recipient prefix",
+        "ms",
+        "ideal:150",
+        "max_ratio",
+        1.0,
+    ),
+    Row("send_no_console_idx", "send, 50 concurrent, without the console's indexes", "mails/s"),
+    Row(
+        "send_console_idx",
+        "send, 50 concurrent, with the console's indexes",
+        "mails/s",
+        "send_no_console_idx",
+        "min_ratio",
+        0.90,
+    ),
     # Rate limits: 2 consumer processes, one vendor limited (its configured rate is the scale).
     Row(
         "rate_max_1s",

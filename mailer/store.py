@@ -26,7 +26,7 @@ from typing import Any
 import bson
 from bson import ObjectId
 from bson.errors import InvalidId
-from pymongo import AsyncMongoClient, ReadPreference, ReturnDocument, UpdateOne, WriteConcern
+from pymongo import ASCENDING, AsyncMongoClient, ReadPreference, ReturnDocument, UpdateOne, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
@@ -284,10 +284,24 @@ class MailStore(AsyncResource):
 
     async def ensure_indexes(self) -> None:
         await self.mails.create_index("idempotency_key", unique=True, sparse=True)
-        await self.mails.create_index("status")
+        # Claims and the sweep ask by status (the compound's prefix serves them); the console
+        # lists mails newest first by (queued_ts, _id), all of them or of one status.
+        # An index that ends in the sort, _id included: MongoDB serves a sort from an index
+        # only when the index holds every sort key, and sorts in memory otherwise (up to its
+        # 100 MB limit, then fails). nx-27017 takes _id in a compound index but then refuses
+        # every insert ("JSON path error near '_id'"); its planner breaks queued_ts ties by
+        # itself, so there the indexes stop before _id.
+        sort = _NEWEST_FIRST if not await self._is_nx() else _NEWEST_FIRST[:1]
+        await self.mails.create_index([("status", ASCENDING), *sort])
+        await self.mails.create_index(sort)
         if self.keeps_raw:
             await self.outbox.create_index("mail_id")
-        await self.mails.create_index("queued_ts")  # the console's order, keyset and time range
+
+    async def _is_nx(self) -> bool:
+        """Whether the server is the local stand-in nx-27017 (its ``buildInfo`` names its
+        process; MongoDB's never has that field). ``buildInfo`` needs no privilege."""
+        info = await self.mails.database.client.admin.command("buildInfo")
+        return bool(info.get("process") == "nx_27017")
 
     async def close(self) -> None:
         pending = [t for t in self._outbox_writes if not t.done()]
@@ -1109,9 +1123,12 @@ class MailStore(AsyncResource):
             span["$lt"] = min(ts, span.get("$lt", ts))
             where = {**where, "queued_ts": span}
         if len(rows) < limit:
-            found = self.mails.find(where, _LIST_EXCLUDED).sort(_NEWEST_FIRST).limit(limit - len(rows))
-            rows += [doc async for doc in found]
+            rows += await self._newest(where, limit - len(rows))
         return rows
+
+    async def _newest(self, where: Doc, n: int) -> list[Doc]:
+        found = self.mails.find(where, _LIST_EXCLUDED).sort(_NEWEST_FIRST).limit(n)
+        return [doc async for doc in found]
 
     async def _console_ties(self, where: Doc, ts: float, last: ObjectId, shown: int, limit: int) -> list[Doc]:
         """The rows queued at the cursor's own ``ts`` that come after it: ids first, newest
