@@ -74,6 +74,11 @@ async def authorize(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 ) -> None:
     """The dependency of every /v1/emails route."""
+    check_key(request, credentials)
+
+
+def check_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+    """Raise the refusal (401, or 403 for a non-loopback client of a keyless API), or return."""
     ring: KeyRing = request.app.state.keys
     if ring.open:
         # No keys: only this machine may call (the server binds loopback too; this holds

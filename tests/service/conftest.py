@@ -33,18 +33,24 @@ def with_api(settings: Settings, **changes: Any) -> Settings:
     return settings.model_copy(update={"api": ApiSettings(**changes)})
 
 
-def _server(settings: Settings) -> tuple[uvicorn.Server, str]:
+def _server(settings: Settings, **app: Any) -> tuple[uvicorn.Server, str]:
     port = free_port()
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+        create_app(settings, **app),
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
     )
     return uvicorn.Server(config), f"http://127.0.0.1:{port}"
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[tuple[str, uvicorn.Server]]:
-    """The app on uvicorn in this event loop (its lifespan opens the Producer)."""
-    server, url = _server(settings)
+async def serving(settings: Settings, **app: Any) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+    """The app on uvicorn in this event loop (its lifespan opens the Producer); ``app``:
+    ``create_app``'s options."""
+    server, url = _server(settings, **app)
     task = asyncio.create_task(server.serve())
     try:
         await wait_until(lambda: server.started or task.done(), within=20, what="mailer-api to start")
