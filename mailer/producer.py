@@ -157,7 +157,11 @@ class _Receipts:
 
     def _write(self, epoch: _Epoch) -> None:
         task = asyncio.get_running_loop().create_task(self._commit(epoch))
-        task.add_done_callback(lambda _: _settle(epoch.written))
+        task.add_done_callback(lambda _: self._written(epoch))
+
+    def _written(self, epoch: _Epoch) -> None:
+        _settle(epoch.written)
+        self._unwritten.discard(epoch.written)  # a written receipt is no longer waited for
 
     async def _commit(self, epoch: _Epoch) -> None:
         """One update per epoch; on the leader, or per mail if the leader was not stored.
@@ -181,7 +185,6 @@ class _Receipts:
         waits for one, so receipts never pile up without bound."""
         epoch = _Epoch(leader, asyncio.get_running_loop().create_future())
         epoch.leader_stored, epoch.jobs, epoch.closing = leader_stored, jobs, True
-        self._unwritten = {f for f in self._unwritten if not f.done()}
         if len(self._unwritten) >= _MAX_UNWRITTEN:
             await asyncio.wait(self._unwritten, return_when=asyncio.FIRST_COMPLETED)
         self._unwritten.add(epoch.written)

@@ -644,6 +644,28 @@ async def test_an_epoch_receipt_waits_for_every_member_in_flight() -> None:
     assert written[0] == {str(a["_id"]): 7}
 
 
+async def test_written_receipts_are_not_kept() -> None:
+    """A process that sends alone for days opens an epoch every 50 ms: each written receipt
+    must be let go, or the waiting set grows without bound."""
+
+    class Store:
+        async def record_jobs(self, leader: str, jobs: dict[str, int]) -> None:
+            pass
+
+        async def record_job_ids(self, jobs: dict[str, int]) -> None:
+            pass
+
+    receipts = _Receipts(Store(), delay=0.0)
+    for i in range(50):
+        doc = {"_id": ObjectId()}
+        epoch = receipts.join(doc)
+        receipts.leave(epoch, str(doc["_id"]), stored=True, job=i)
+        await asyncio.sleep(0)
+        await receipts.record(str(ObjectId()), True, {"x": i})  # a batch's receipt, too
+    await asyncio.sleep(0.05)
+    assert receipts._unwritten == set()
+
+
 async def test_concurrent_sends_still_group_commit(
     producer: Producer, reader: Beanstalk, monkeypatch: pytest.MonkeyPatch
 ) -> None:

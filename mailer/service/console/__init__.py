@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
+from mailer.service.console.counts import SharedCounts
 from mailer.service.console.routes import Refused, console, refused_page
 from mailer.service.console.session import Sessions
 
@@ -20,9 +21,10 @@ __all__ = ["install"]
 STATIC = Path(__file__).parent / "static"
 
 
-def install(app: FastAPI, *, sessions: Sessions | None = None) -> None:
+def install(app: FastAPI, *, sessions: Sessions | None = None, counts: SharedCounts | None = None) -> None:
     """Mount the console on ``app`` (which already holds ``state.settings`` and ``state.keys``)."""
     app.state.console_sessions = sessions or Sessions()
+    app.state.console_counts = counts or SharedCounts()
 
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Refused)

@@ -34,6 +34,7 @@ from mailer.models import MailRecord, Status
 from mailer.producer import Producer
 from mailer.routing import THROTTLE_PREFIX
 from mailer.service.auth import KeyRing, is_loopback
+from mailer.service.console.counts import SharedCounts
 from mailer.service.console.session import COOKIE, Session, Sessions
 from mailer.store import Cursor, Doc, MailFilter, MailStore, OutboxEntry, parse_mail_id
 from mailer.vendors import vendor_names
@@ -205,6 +206,9 @@ async def checked_post(request: Request, *, need_auth: bool = True) -> tuple[Vis
         )
     if need_auth and not visit.session.authed:
         raise Refused(401, "Sign in first: your session has ended.")
+    if need_auth:  # an action (cancel, retry, kick...): the next page counts afresh
+        shared: SharedCounts = request.app.state.console_counts
+        shared.drop()
     return visit, form
 
 
@@ -322,8 +326,9 @@ async def mails(request: Request) -> Response:
     filters = filter_of(query)
     after = cursor_of(query.get("after"))
     store = _store(request)
+    shared: SharedCounts = request.app.state.console_counts
     docs, counts = await asyncio.gather(
-        store.console_page(filters, after=after, limit=PAGE_SIZE + 1), store.status_counts()
+        store.console_page(filters, after=after, limit=PAGE_SIZE + 1), shared.get(store.status_counts)
     )
     following = docs[PAGE_SIZE] if len(docs) > PAGE_SIZE else None
     docs = docs[:PAGE_SIZE]
