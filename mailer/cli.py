@@ -184,10 +184,15 @@ async def cmd_suppress(settings: Settings, args: argparse.Namespace) -> int:
             ]
         elif args.action == "add":
             rows = [
-                {"address": a, "added": await store.add_suppression(a, reason=args.reason)} for a in addresses
+                {"address": a, "added": await store.add_suppression(a, reason=args.reason, settle=False)}
+                for a in addresses
             ]
         else:
-            rows = [{"address": a, "removed": await store.remove_suppression(a)} for a in addresses]
+            rows = [
+                {"address": a, "removed": await store.remove_suppression(a, settle=False)} for a in addresses
+            ]
+        if args.action != "list":
+            await store.settle_suppressions()  # once every sender's view has the change
     if args.json:
         _print_json(rows)
         return EXIT_OK

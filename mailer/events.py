@@ -309,8 +309,10 @@ async def ingest(store: MailStore, events: Sequence[Event], *, add_on: Iterable[
         if e.recipient is not None and suppresses(e, rules):
             address = normalize_address(e.recipient)
             source = {"vendor": e.vendor, "event": e.key, "type": e.kind, "mail_id": mail}
-            if await store.add_suppression(address, reason=e.kind, source=source):
+            if await store.add_suppression(address, reason=e.kind, source=source, settle=False):
                 result.suppressed.append(address)
+    if result.suppressed:
+        await store.settle_suppressions()  # once for the delivery, not once per address
     return result
 
 

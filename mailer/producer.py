@@ -35,6 +35,7 @@ from mailer.fleet import Fleet
 from mailer.lifecycle import AsyncResource
 from mailer.models import Email, MailRecord, Status, parse_email
 from mailer.store import MAX_DOCUMENT_BYTES, RECEIPT_DELAY_S, Doc, MailStore, parse_mail_id
+from mailer.suppression_view import SuppressionView
 from mailer.throughput import ThroughputMeter
 
 log = logging.getLogger("mailer.producer")
@@ -236,7 +237,9 @@ class Producer(AsyncResource):
         self.store = MailStore(self.settings, socket_timeouts=True)
         self.queue = Fleet.from_settings(b)  # one or several beanstalkd servers
         self._meter = ThroughputMeter("Producer", self.settings.throughput_interval_s)
-        self._suppression = SuppressionCheck(self.store, self.settings.suppression.mode)
+        # The list from memory while its view is trusted (see mailer.suppression_view).
+        self._suppressions = SuppressionView(self.store, lease_s=self.settings.suppression.lease_s)
+        self._suppression = SuppressionCheck(self._suppressions, self.settings.suppression.mode)
         self._sends: Batcher[_Entry, str | MailerError] = Batcher(
             self._screen_store_and_queue,
             max_batch=_MAX_BATCH,
@@ -268,6 +271,7 @@ class Producer(AsyncResource):
             raise
         if self.settings.measure_throughput:
             self._meter.start()
+        self._suppressions.start()
         self._connected = True
 
     async def quit(self) -> None:
@@ -277,6 +281,7 @@ class Producer(AsyncResource):
         within = self.settings.mongodb.timeout_ms / 1000 + 5
         await self._sends.close(within=within)
         await self._receipts.close(within=within)
+        await self._suppressions.close()
         await self._meter.stop()
         await self.queue.close()
         await self.store.close()

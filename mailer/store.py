@@ -186,6 +186,7 @@ class MailStore(AsyncResource):
         self._socket_timeouts = socket_timeouts
         self._own_client = client is None
         self._client = client
+        self._collections: dict[str, AsyncCollection[Doc]] = {}
         self._mails: AsyncCollection[Doc] | None = None
         self._vendors: AsyncCollection[Doc] | None = None
         self._outbox_writes: set[asyncio.Task[None]] = set()
@@ -840,7 +841,13 @@ class MailStore(AsyncResource):
     # by this process, so a producer that never reads events pays nothing at connect.
 
     def _named(self, suffix: str) -> AsyncCollection[Doc]:
-        return self.mails.database[f"{self.settings.mongodb.collection}_{suffix}"]
+        """The collection named after the mails collection, made once per connection (a
+        pymongo collection object costs a lone send's suppression check 2% to build)."""
+        mails = self.mails
+        known = self._collections.get(suffix)
+        if known is None or known.database is not mails.database:
+            known = self._collections[suffix] = mails.database[f"{self.settings.mongodb.collection}_{suffix}"]
+        return known
 
     @property
     def events(self) -> AsyncCollection[Doc]:
@@ -944,8 +951,12 @@ class MailStore(AsyncResource):
         where = {"_id": {"$in": list(addresses)}}
         return {str(d["_id"]) async for d in self.suppressions.find(where, {"_id": 1})}
 
-    async def add_suppression(self, address: str, *, reason: str, source: Doc | None = None) -> bool:
-        """Put an address on the list; False when it already was (the first entry stands)."""
+    async def add_suppression(
+        self, address: str, *, reason: str, source: Doc | None = None, settle: bool = True
+    ) -> bool:
+        """Put an address on the list; False when it already was (the first entry stands).
+        ``settle``: return only once every process's view of the list has it (see
+        :meth:`settle_suppressions`); a caller adding many passes False and settles once."""
         doc: Doc = {"_id": address, "reason": reason[:200], "at": dt.datetime.now(dt.UTC)}
         if source:
             doc["source"] = source
@@ -953,9 +964,10 @@ class MailStore(AsyncResource):
             await self.suppressions.insert_one(doc)
         except DuplicateKeyError:
             return False
+        await self._suppressions_changed(settle)
         return True
 
-    async def add_suppressions(self, addresses: Sequence[str], *, reason: str) -> int:
+    async def add_suppressions(self, addresses: Sequence[str], *, reason: str, settle: bool = True) -> int:
         """Put many addresses on the list in one unordered ``insert_many`` (an import);
         returns how many were new (the others' first entries stand)."""
         if not addresses:
@@ -967,12 +979,50 @@ class MailStore(AsyncResource):
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(err.get("code") != 11000 for err in errors):
+                await self._suppressions_changed(settle)  # the others went in
                 raise StoreError(f"MongoDB refused suppressions: {errors[0].get('errmsg')}") from None
-            return len(docs) - len(errors)
-        return len(docs)
+            added = len(docs) - len(errors)
+        else:
+            added = len(docs)
+        if added:
+            await self._suppressions_changed(settle)
+        return added
 
-    async def remove_suppression(self, address: str) -> bool:
-        return (await self.suppressions.delete_one({"_id": address})).deleted_count == 1
+    async def remove_suppression(self, address: str, *, settle: bool = True) -> bool:
+        removed = (await self.suppressions.delete_one({"_id": address})).deleted_count == 1
+        if removed:
+            await self._suppressions_changed(settle)
+        return removed
+
+    # The processes that send keep a view of the list (mailer.suppression_view), trusted for
+    # [suppression] lease_s after each read of the list's generation; every change bumps the
+    # generation, and a change is acknowledged only a lease later, when every trusted view
+    # has read it. So a send that starts after an add was acknowledged always sees it.
+
+    @property
+    def suppressions_state(self) -> AsyncCollection[Doc]:
+        return self._named("suppressions_state")
+
+    async def suppression_generation(self) -> int:
+        """The list's generation: a counter every change bumps (0 before the first)."""
+        doc = await self.suppressions_state.find_one({"_id": "generation"})
+        return int(doc["n"]) if doc is not None else 0
+
+    async def all_suppressions(self, limit: int) -> list[str]:
+        """Up to ``limit`` listed addresses (a view's load)."""
+        return [str(d["_id"]) async for d in self.suppressions.find({}, {"_id": 1}).limit(limit)]
+
+    async def _suppressions_changed(self, settle: bool) -> None:
+        await self.suppressions_state.update_one({"_id": "generation"}, {"$inc": {"n": 1}}, upsert=True)
+        if settle:
+            await self.settle_suppressions()
+
+    async def settle_suppressions(self) -> None:
+        """Wait out the views' lease (a little more, for clocks that run at different rates):
+        after it, no process trusts a view read before the change."""
+        lease = self.settings.suppression.lease_s
+        if lease > 0:
+            await asyncio.sleep(lease * 1.05 + 0.01)
 
     async def list_suppressions(self, *, after: str = "", limit: int = 100) -> list[Doc]:
         """Entries in address order, from just after ``after`` (paging by key, not skip)."""

@@ -1,0 +1,215 @@
+"""The producer's copy of the suppression list (``mailer.suppression_view``): the store's
+generation round-trips with MongoDB's documented result, the view answers from memory only
+while its lease holds, and a change that has returned is seen by every send after it, in
+this process and in others."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+from helpers import FakeClock, mail
+
+from mailer.config import Settings, SuppressionSettings
+from mailer.errors import RecipientSuppressed
+from mailer.producer import Producer
+from mailer.store import MailStore
+from mailer.suppression_view import SuppressionView
+
+LEASE_S = 0.2
+
+
+def with_lease(settings: Settings, lease_s: float = LEASE_S) -> Settings:
+    return settings.model_copy(update={"suppression": SuppressionSettings(lease_s=lease_s)})
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[MailStore]:
+    async with MailStore(with_lease(settings)) as s:
+        yield s
+
+
+# --- the store's side: generation and load -------------------------------------------------
+
+
+async def test_every_change_bumps_the_generation_and_nothing_else_does(store: MailStore) -> None:
+    assert await store.suppression_generation() == 0  # no change yet: no document
+    assert await store.add_suppression("a@example.com", reason="manual")
+    assert await store.suppression_generation() == 1
+    assert not await store.add_suppression("a@example.com", reason="again")  # already there
+    assert await store.suppression_generation() == 1
+    assert (
+        await store.add_suppressions(["b@example.com", "c@example.com", "a@example.com"], reason="import")
+        == 2
+    )
+    assert await store.suppression_generation() == 2  # one bump per write, not per address
+    assert await store.add_suppressions(["a@example.com"], reason="import") == 0
+    assert await store.suppression_generation() == 2
+    assert await store.remove_suppression("b@example.com")
+    assert not await store.remove_suppression("b@example.com")
+    assert await store.suppression_generation() == 3
+    assert sorted(await store.all_suppressions(10)) == ["a@example.com", "c@example.com"]
+    assert len(await store.all_suppressions(1)) == 1
+
+
+async def test_a_change_returns_only_after_the_lease(store: MailStore) -> None:
+    t0 = time.monotonic()
+    await store.add_suppression("slow@example.com", reason="manual")
+    assert time.monotonic() - t0 >= LEASE_S
+    t0 = time.monotonic()
+    await store.add_suppression("quick@example.com", reason="manual", settle=False)
+    assert time.monotonic() - t0 < LEASE_S  # a caller adding many settles once at the end
+
+
+# --- the view, with a scripted store ----------------------------------------------------------
+
+
+class ListStore:
+    def __init__(self, addresses: Sequence[str] = ()) -> None:
+        self.addresses = set(addresses)
+        self.generation = 1
+        self.queries = 0
+        self.loads = 0
+        self.fail = False
+
+    async def suppressed_among(self, addresses: Sequence[str]) -> set[str]:
+        self.queries += 1
+        return {a for a in addresses if a in self.addresses}
+
+    async def suppression_generation(self) -> int:
+        if self.fail:
+            from pymongo.errors import AutoReconnect
+
+            raise AutoReconnect("MongoDB away")
+        return self.generation
+
+    async def all_suppressions(self, limit: int) -> list[str]:
+        self.loads += 1
+        return sorted(self.addresses)[:limit]
+
+    def change(self, *, add: str = "", remove: str = "") -> None:
+        self.addresses = (self.addresses | {add} if add else self.addresses) - {remove}
+        self.generation += 1
+
+
+async def test_the_view_answers_from_memory_while_its_lease_holds() -> None:
+    clock, listed = FakeClock(0.0), ListStore(["x@example.com"])
+    view = SuppressionView(listed, lease_s=1.0, monotonic=clock)
+    assert await view.suppressed_among(["x@example.com"]) == {"x@example.com"}
+    assert listed.queries == 1  # never read yet: asked MongoDB
+    await view.refresh()
+    for _ in range(5):
+        assert await view.suppressed_among(["x@example.com", "y@example.com"]) == {"x@example.com"}
+    assert listed.queries == 1 and listed.loads == 1
+    clock.advance(1.0)  # the lease ran out without a read
+    assert await view.suppressed_among(["x@example.com"]) == {"x@example.com"} and listed.queries == 2
+
+
+async def test_the_view_reloads_only_when_the_generation_moves() -> None:
+    clock, listed = FakeClock(0.0), ListStore()
+    view = SuppressionView(listed, lease_s=1.0, monotonic=clock)
+    await view.refresh()
+    await view.refresh()
+    assert listed.loads == 1
+    listed.change(add="new@example.com")
+    await view.refresh()
+    assert listed.loads == 2 and await view.suppressed_among(["new@example.com"]) == {"new@example.com"}
+    listed.change(remove="new@example.com")
+    await view.refresh()
+    assert await view.suppressed_among(["new@example.com"]) == set() and listed.queries == 0
+
+
+async def test_a_failed_read_keeps_only_the_lease_already_earned() -> None:
+    clock, listed = FakeClock(0.0), ListStore(["x@example.com"])
+    view = SuppressionView(listed, lease_s=1.0, monotonic=clock)
+    await view.refresh()
+    listed.fail = True
+    clock.advance(0.5)
+    with pytest.raises(Exception, match="away"):
+        await view.refresh()
+    assert view.trusted  # the first read's lease still holds
+    clock.advance(0.6)
+    assert not view.trusted
+    await view.suppressed_among(["x@example.com"])
+    assert listed.queries == 1
+
+
+async def test_a_list_too_large_to_copy_is_queried() -> None:
+    listed = ListStore([f"u{i}@example.com" for i in range(11)])
+    view = SuppressionView(listed, lease_s=1.0, max_entries=10, monotonic=FakeClock(0.0))
+    await view.refresh()
+    assert view.too_large and not view.trusted
+    assert await view.suppressed_among(["u1@example.com"]) == {"u1@example.com"} and listed.queries == 1
+
+
+async def test_the_background_reads_keep_the_view_trusted() -> None:
+    listed = ListStore(["x@example.com"])
+    view = SuppressionView(listed, lease_s=0.15)
+    view.start()
+    try:
+        await asyncio.sleep(0.4)  # several leases
+        assert view.trusted
+        listed.change(add="late@example.com")
+        await asyncio.sleep(0.16)  # one lease: a read has come since
+        assert await view.suppressed_among(["late@example.com"]) == {"late@example.com"}
+        assert listed.queries == 0
+    finally:
+        await view.close()
+    assert not view.trusted
+
+
+# --- end to end, on the local MongoDB ----------------------------------------------------------
+
+
+async def test_a_send_after_a_change_returned_sees_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's add (here: another store) is seen by every send that starts after
+    the add returned, though the sender checks its own copy and asks MongoDB nothing."""
+    leased = with_lease(settings)
+    async with Producer(leased) as producer, MailStore(leased) as other:
+        queries = 0
+        real = producer.store.suppressed_among
+
+        async def counted(addresses: Sequence[str]) -> set[str]:
+            nonlocal queries
+            queries += 1
+            return await real(addresses)
+
+        monkeypatch.setattr(producer.store, "suppressed_among", counted)
+        await asyncio.sleep(LEASE_S)  # the view has read the list
+        for i in range(6):
+            address = f"late{i}@example.com"
+            assert await producer.send(mail(i, to=address))  # not listed yet
+            await other.add_suppression(address, reason="bounced_hard")
+            with pytest.raises(RecipientSuppressed):
+                await producer.send(mail(i, to=address))
+            await other.remove_suppression(address)
+            assert await producer.send(mail(i, to=address))  # allowed again at once
+        # 18 checks; the copy answered (all of them, unless a read of the list was late
+        # on a loaded machine and the check asked MongoDB instead, as it must then).
+        assert queries < 6
+
+
+async def test_close_returns_though_a_read_swallows_the_cancel() -> None:
+    """pymongo can swallow a cancel that lands inside a read (a CLI command hung at exit,
+    its loop waiting on the view's task forever): the view stops at its own flag."""
+
+    class Swallowing(ListStore):
+        reading = asyncio.Event()
+
+        async def suppression_generation(self) -> int:
+            self.reading.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                pass  # what the driver did
+            return self.generation
+
+    listed = Swallowing()
+    view = SuppressionView(listed, lease_s=1.0)
+    view.start()
+    await listed.reading.wait()
+    await asyncio.wait_for(view.close(), 3)
