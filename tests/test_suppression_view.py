@@ -6,6 +6,7 @@ this process and in others."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -202,10 +203,8 @@ async def test_close_returns_though_a_read_swallows_the_cancel() -> None:
 
         async def suppression_generation(self) -> int:
             self.reading.set()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):  # what the driver did
                 await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                pass  # what the driver did
             return self.generation
 
     listed = Swallowing()
