@@ -315,6 +315,7 @@ class MailStore(AsyncResource):
             await self._client.close()
             self._client = None
         self._mails = self._vendors = None
+        self._collections.clear()  # made again from the next connection's database
 
     @property
     def mails(self) -> AsyncCollection[Doc]:
@@ -843,10 +844,11 @@ class MailStore(AsyncResource):
     def _named(self, suffix: str) -> AsyncCollection[Doc]:
         """The collection named after the mails collection, made once per connection (a
         pymongo collection object costs a lone send's suppression check 2% to build)."""
-        mails = self.mails
         known = self._collections.get(suffix)
-        if known is None or known.database is not mails.database:
-            known = self._collections[suffix] = mails.database[f"{self.settings.mongodb.collection}_{suffix}"]
+        if known is None:
+            known = self._collections[suffix] = self.mails.database[
+                f"{self.settings.mongodb.collection}_{suffix}"
+            ]
         return known
 
     @property
