@@ -758,6 +758,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(settings: Settings, concurrency: int | None) -> int:
+    from mailer.cmdline import freeze_startup_heap
+
     consumer = Consumer(settings, concurrency=concurrency)
     loop = asyncio.get_running_loop()
     signals = 0
@@ -788,6 +790,7 @@ async def _serve(settings: Settings, concurrency: int | None) -> int:
             mode,
             ", ".join(v.name for v in consumer.registry.vendors),
         )
+        freeze_startup_heap()
         await consumer.run()
     log.info("consumer stopped after %d jobs", consumer.processed)
     return 0

@@ -7,11 +7,12 @@ the fixtures clear what they used afterwards.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -22,6 +23,22 @@ from mailer.store import MailStore
 
 RUN_ID = uuid.uuid4().hex[:8]
 _counter = itertools.count(1)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """No automatic garbage collection while a test body runs; it happens between tests.
+
+    Late in a session this interpreter holds enough objects that one full collection stops
+    it for 0.5-0.8 s (measured with ``gc.callbacks`` over ``make test``), which lands inside
+    whichever timed section triggered it: a 0.5 s deadline then reads as 1.3 s. Tests that
+    need a collection call ``gc.collect()``, which works while automatic collection is off.
+    """
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.enable()
 
 
 def _port_open(host: str, port: int) -> bool:

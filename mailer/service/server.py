@@ -21,6 +21,7 @@ from mailer.cmdline import (
     add_logging,
     add_version,
     count,
+    freeze_startup_heap,
     parse_args,
     run_guarded,
 )
@@ -95,6 +96,7 @@ async def serve(settings: Settings, host: str, port: int) -> int:
             settings.beanstalkd.tube,
             settings.mongodb.collection,
         )
+        freeze_startup_heap()
         await server.serve()
         return 0 if server.started else 1
 
