@@ -169,6 +169,7 @@ async def decompose(base: Settings, n: int) -> dict[str, float]:
     the suppression check's query before each insert; then ``send`` itself."""
     mails = [sample_mail("lone", i) for i in range(n)]
     rates: dict[str, float] = {}
+    cpu: dict[str, float] = {}
 
     async def steps(settings: Settings) -> Measure:
         b = settings.beanstalkd
@@ -206,10 +207,11 @@ async def decompose(base: Settings, n: int) -> dict[str, float]:
             for name, work in variants:
                 last = await timed(n, work)
                 rates[name] = last.rate
+                cpu[name] = last.cpu_us
             return last
 
     await _scratch(base, "ld", steps)
-    return rates
+    return rates | {f"{name} cpu": us for name, us in cpu.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,9 +228,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.decompose:
         runs = [asyncio.run(decompose(base, a.mails)) for _ in range(a.rounds)]
         raw = statistics.median(r["original doc, no index"] for r in runs)
-        for key in runs[0]:
+        raw_cpu = statistics.median(r["original doc, no index cpu"] for r in runs)
+        for key in (k for k in runs[0] if not k.endswith(" cpu")):
             rate = statistics.median(r[key] for r in runs)
-            print(f"  {key:<26} {rate:7,.0f} mails/s  {rate / raw:.2f} of raw")
+            us = statistics.median(r[f"{key} cpu"] for r in runs)
+            print(
+                f"  {key:<26} {rate:7,.0f} mails/s  {rate / raw:.2f} of raw;"
+                f" client CPU {us:5,.0f} us/mail {us / raw_cpu:.2f}x"
+            )
         return 0
 
     def note(key: str, text: str) -> None:

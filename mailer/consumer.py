@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import signal
 import socket
@@ -32,7 +33,7 @@ from mailer.delivery import Action, Committer, Decision, Delivery, Ready
 from mailer.errors import BeanstalkError, ConfigError, MailerError, NotFound, StoreUnavailable, TimedOut
 from mailer.fleet import Fleet
 from mailer.jobs import OwnedJob
-from mailer.lifecycle import AsyncResource
+from mailer.lifecycle import AsyncResource, stop_tasks
 from mailer.ratelimit import RateLimiter
 from mailer.requeue import sweep
 from mailer.routing import THROTTLE_PREFIX, Clock, VendorRegistry
@@ -176,11 +177,7 @@ class Consumer(AsyncResource):
 
     async def close(self) -> None:
         await self._stop_monitoring()
-        for task in [*self._background, *self._extending]:
-            task.cancel()
-        for task in [*self._background, *self._extending]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks([*self._background, *self._extending])
         self._background.clear()
         await self.stalls.close()
         await self.committer.close()
@@ -222,9 +219,9 @@ class Consumer(AsyncResource):
         if pending:
             log.warning("grace period over: handing back %d unfinished deliveries", len(self._inflight))
             unfinished = list(self._inflight.values())
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            # Until every one has ended (a loop that lost its cancel is cancelled again): a
+            # job is handed back only once nothing of this process can still record it.
+            await stop_tasks(pending, within=math.inf, log_errors=False)
             await self._hand_back(unfinished)
         for task in done:
             if not task.cancelled() and task.exception() is not None:
@@ -599,10 +596,8 @@ class Consumer(AsyncResource):
     async def _unpark_waiting(self) -> None:
         """On stop: a parked mail still waiting for its token is handed back unsent."""
         waiting = [(t, item) for t, item in self._parked.items() if not item.owned.at_vendor()]
-        for task, _ in waiting:
-            task.cancel()
         if waiting:
-            await asyncio.gather(*(t for t, _ in waiting), return_exceptions=True)
+            await stop_tasks([t for t, _ in waiting], within=math.inf, log_errors=False)
             await self._hand_back([item.owned for _, item in waiting])
 
     async def _drop_ahead(self, ahead: Prefetch) -> None:

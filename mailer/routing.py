@@ -23,7 +23,6 @@ tells the other processes that no probe is due when it runs out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pymongo.errors import PyMongoError
 
 from mailer.errors import VendorAuthError, VendorError
+from mailer.lifecycle import stop_tasks
 from mailer.ratelimit import RateLimiter
 from mailer.store import MailStore
 from mailer.vendors.base import Vendor
@@ -104,9 +104,7 @@ class VendorRegistry:
     async def close(self) -> None:
         task, self._refresh_task = self._refresh_task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_tasks([task])
         if self._pending_writes:
             await asyncio.gather(*self._pending_writes, return_exceptions=True)
         for vendor in self.vendors:

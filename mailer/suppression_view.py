@@ -30,6 +30,8 @@ from typing import Protocol
 
 from pymongo.errors import PyMongoError
 
+from mailer.lifecycle import stop_tasks
+
 __all__ = ["MAX_ENTRIES", "SuppressionView"]
 
 log = logging.getLogger("mailer.suppression")
@@ -90,15 +92,8 @@ class SuppressionView:
         self._trusted_until = float("-inf")
         if task is None:
             return
-        self._stopping.set()
-        task.cancel()
-        # Not ``await task``: a cancel that lands inside a pymongo read can be swallowed
-        # there (seen with pymongo 4.20), and the loop then goes on to its next sleep. The
-        # loop stops by itself at ``_stopping`` after that read, well within this bound.
-        await asyncio.wait({task}, timeout=self.lease_s + 5)
-        if task.done() and not task.cancelled():
-            with contextlib.suppress(Exception):
-                task.result()
+        self._stopping.set()  # a loop that lost its cancel (see stop_tasks) stops here too
+        await stop_tasks([task], within=self.lease_s + 5)
 
     async def refresh(self) -> None:
         """One read: the generation, and the list again if it changed. The view is then
