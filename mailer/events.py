@@ -136,7 +136,11 @@ def mail_recipients(mail: Email | Mapping[str, Any]) -> list[str]:
     """A mail's recipients (to, cc, bcc), normalised: from an Email or a stored ``mail``."""
     if isinstance(mail, Email):
         return [normalize_address(a.email) for a in mail.recipients()]
-    return [normalize_address(str(a["email"])) for kind in ("to", "cc", "bcc") for a in mail.get(kind) or []]
+    found: list[str] = []
+    for kind in ("to", "cc", "bcc"):  # a stored mail leaves out the empty ones
+        if addresses := mail.get(kind):
+            found.extend(normalize_address(str(a["email"])) for a in addresses)
+    return found
 
 
 async def suppressed_per_mail(

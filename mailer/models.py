@@ -26,6 +26,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -160,6 +161,22 @@ def metadata_json(metadata: dict[str, Any]) -> str:
     return json.dumps(metadata, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
+def _metadata_json_bound(metadata: dict[str, Any]) -> int:
+    """At least ``len(metadata_json(metadata))``, of checked metadata (flat values, keys of
+    letters, digits, ``_`` and ``-``): a string character is at most 12 characters of ASCII
+    JSON (a surrogate pair of ``\\uXXXX``), a 64-bit integer at most 20, a float's repr 24."""
+    n = 2
+    for key, value in metadata.items():
+        n += len(key) + 4  # quotes, colon, comma
+        if isinstance(value, str):
+            n += 12 * len(value) + 2
+        elif isinstance(value, float):
+            n += 24
+        else:
+            n += 20  # int, true, false, null
+    return n
+
+
 def _format_address(name: str, addr_spec: str) -> str:
     """``name <addr>`` with the name quoted where RFC 5322 needs it; never raises.
 
@@ -173,6 +190,16 @@ def _format_address(name: str, addr_spec: str) -> str:
     return f"{name} <{addr_spec}>"
 
 
+def _is_trusted(info: ValidationInfo) -> bool:
+    return isinstance(info.context, dict) and bool(info.context.get("trusted"))
+
+
+# Address text -> its validated Address, bounded (cleared whole when full: cheaper than an LRU
+# on every hit, and a sender's addresses refill it at once).
+_ADDRESS_CACHE: dict[str, Address] = {}
+_ADDRESS_CACHE_MAX = 8192
+
+
 class Address(BaseModel):
     """One mailbox: ``email`` plus an optional display ``name``.
 
@@ -184,20 +211,31 @@ class Address(BaseModel):
     email: str
     name: str | None = None
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _parse(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            _header_safe(value, "an address")
-            name, addr = _split_address(value)
-            return {"email": addr, "name": name or None}
-        return value
+    def _parse(cls, value: Any, handler: ModelWrapValidatorHandler[Address], info: ValidationInfo) -> Address:
+        """An address given as text is validated once and its Address (frozen) shared after:
+        the same sender and recipients come back mail after mail."""
+        if not isinstance(value, str):
+            return handler(value)
+        if trusted := _is_trusted(info):
+            found = None
+        elif (found := _ADDRESS_CACHE.get(value)) is not None:
+            return found
+        _header_safe(value, "an address")
+        name, addr = _split_address(value)
+        found = handler({"email": addr, "name": name or None})
+        if not trusted:  # a trusted one skipped normalisation: never hand it to others
+            if len(_ADDRESS_CACHE) >= _ADDRESS_CACHE_MAX:
+                _ADDRESS_CACHE.clear()
+            _ADDRESS_CACHE[value] = found
+        return found
 
     @field_validator("email")
     @classmethod
     def _check_email(cls, value: str, info: ValidationInfo) -> str:
         _header_safe(value, "an address")
-        if isinstance(info.context, dict) and info.context.get("trusted"):
+        if _is_trusted(info):
             return value  # validated when the mail was accepted (Email.from_stored)
         return normalize_email(value)
 
@@ -406,7 +444,9 @@ class Email(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _check_metadata(cls, value: dict[str, MetaValue]) -> dict[str, MetaValue]:
-        if value and len(text := metadata_json(value)) > MAX_METADATA_JSON:
+        if not value or _metadata_json_bound(value) <= MAX_METADATA_JSON:
+            return value  # surely short enough: no need to build the JSON
+        if len(text := metadata_json(value)) > MAX_METADATA_JSON:
             raise ValueError(
                 f"metadata is {len(text)} characters as JSON; it travels as one {METADATA_HEADER} "
                 f"header line, so keep it to {MAX_METADATA_JSON} (fewer or shorter values)"

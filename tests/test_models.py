@@ -606,3 +606,74 @@ def test_lone_surrogates_anywhere_are_named(changes: dict[str, Any]) -> None:
     with pytest.raises(EmailValidationError) as info:
         parse_email(mail(**changes))
     assert any("UTF-8" in msg for _, msg in info.value.errors), info.value.errors
+
+
+# --- the shared Address of a text address, and the metadata bound --------------------------
+
+
+def test_an_address_given_as_text_is_validated_once_and_shared() -> None:
+    first = parse_email(mail(to="Ann <Ann@EXAMPLE.com>"))
+    second = parse_email(mail(to="Ann <Ann@EXAMPLE.com>"))
+    assert first.to[0] is second.to[0]  # frozen, so sharing it is safe
+    assert first.to[0] == Address(email="Ann@example.com", name="Ann")
+    assert parse_email(mail(to={"email": "Ann@EXAMPLE.com"})).to[0].email == "Ann@example.com"
+
+
+def test_a_bad_text_address_is_refused_every_time() -> None:
+    for _ in range(2):
+        with pytest.raises(EmailValidationError) as caught:
+            parse_email(mail(to="Ann <not an address>"))
+        assert [field for field, _ in caught.value.errors] == ["to[0].email"]
+
+
+def test_a_trusted_text_address_is_never_shared_with_untrusted_input() -> None:
+    """Trusted input skips normalisation; its Address must not answer later, checked input."""
+    text = "Bob <Bob@MIXED-case.example>"
+    trusted = Address.model_validate(text, context={"trusted": True})
+    assert trusted.email == "Bob@MIXED-case.example"
+    checked = Address.model_validate(text)
+    assert checked.email == "Bob@mixed-case.example"
+
+
+def test_the_address_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailer import models
+
+    monkeypatch.setattr(models, "_ADDRESS_CACHE", {})
+    monkeypatch.setattr(models, "_ADDRESS_CACHE_MAX", 3)
+    for i in range(10):
+        Address.model_validate(f"user{i}@example.com")
+        assert len(models._ADDRESS_CACHE) <= 3
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\U0001f600" * 10,  # non-BMP: a surrogate pair of \uXXXX each, 12 characters
+        "\x01\x02\x1f" * 7,
+        '"\\' * 9,
+        "plain ascii",
+        "",
+        -(2**63),
+        2**63 - 1,
+        -1.7976931348623157e308,
+        5e-324,
+        True,
+        False,
+        None,
+    ],
+)
+def test_the_metadata_bound_is_never_below_the_json(value: Any) -> None:
+    from mailer.models import _metadata_json_bound
+
+    metadata = {"k": value, "a-much-longer_key": value}
+    assert _metadata_json_bound(metadata) >= len(metadata_json(metadata))
+
+
+def test_metadata_just_over_the_limit_is_still_refused() -> None:
+    fits = MAX_METADATA_JSON - len(metadata_json({"k": ""}))
+    with pytest.raises(EmailValidationError) as caught:
+        parse_email(mail(metadata={"k": "x" * (fits + 1)}))
+    assert [field for field, _ in caught.value.errors] == ["metadata"]
+    at_limit = {"k": "x" * fits}
+    assert len(metadata_json(at_limit)) == MAX_METADATA_JSON
+    assert parse_email(mail(metadata=at_limit)).metadata == at_limit
