@@ -319,6 +319,9 @@ class SmtpSettings(_VendorSection):
     password: SecretStr | None = None
     starttls: bool = True
     use_tls: bool = False
+    # PEM file of the CA certificates to trust for this relay instead of the system's (a
+    # relay with a certificate from a private CA); None: the system's store.
+    ca_file: str | None = None
     timeout_s: float = Field(10.0, gt=0)
 
 

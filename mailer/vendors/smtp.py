@@ -124,6 +124,7 @@ class SmtpVendor(AsyncResource):
         self._idle: list[_Conn] = []
         self._generation = 0
         self._local_hostname: str | None = None
+        self._tls: ssl.SSLContext | None = None
         self._redactor = Redactor((settings.password,), users=(settings.username or "",))
 
     def __repr__(self) -> str:
@@ -132,9 +133,23 @@ class SmtpVendor(AsyncResource):
         return f"SmtpVendor(name={self.name!r}, host={s.host!r}, port={s.port}{user})"
 
     async def connect(self) -> None:
-        """Resolve our EHLO name once; sockets open lazily (see the module docstring)."""
+        """Resolve our EHLO name and build the TLS context once; sockets open lazily (see the
+        module docstring).
+
+        One context for every connection: aiosmtplib would otherwise build one per connection
+        (loading the whole CA store, tens of ms of CPU) inside that send's deadline.
+        """
         if self._local_hostname is None:
             self._local_hostname = await asyncio.to_thread(socket.getfqdn)
+        s = self._settings
+        if self._tls is None and (s.use_tls or s.starttls):
+            try:
+                self._tls = await asyncio.to_thread(ssl.create_default_context, cafile=s.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise VendorConfigError(
+                    f"vendor {self.name!r}: cannot load ca_file {s.ca_file!r} ({exc}): give a PEM "
+                    "file of CA certificates, or leave ca_file out to trust the system's"
+                ) from None
 
     async def close(self) -> None:
         """QUIT idle connections; connections busy right now are closed when their send ends."""
@@ -227,6 +242,7 @@ class SmtpVendor(AsyncResource):
             password=s.password.get_secret_value() if s.password is not None else None,
             use_tls=s.use_tls,
             start_tls=s.starttls and not s.use_tls,
+            tls_context=self._tls,
             timeout=s.timeout_s,
             local_hostname=self._local_hostname,
         )

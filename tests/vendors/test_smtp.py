@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import email
+import ipaddress
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
 from mailer.config import SmtpSettings
@@ -23,6 +31,7 @@ from mailer.errors import (
     TransientVendorError,
     UnsupportedByVendor,
     VendorAuthError,
+    VendorConfigError,
     VendorThrottled,
 )
 from mailer.models import MAIL_ID_HEADER, Email, parse_email
@@ -373,3 +382,114 @@ async def test_lifecycle(relay: tuple[Relay, Controller]) -> None:
     await vendor.close()
     await vendor.send(make_email(), "after-close")
     await vendor.close()
+
+
+# --- TLS: STARTTLS to a relay with a private CA, one context for every connection ----------
+
+
+@dataclass
+class Pki:
+    ca_file: str
+    server: ssl.SSLContext
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA and a certificate it signed for 127.0.0.1: what a relay with a private CA has."""
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(
+        subject: str, key: rsa.RSAPrivateKey, issuer: x509.Name, signer: rsa.RSAPrivateKey, ca: bool
+    ) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer if not ca else name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+            builder = builder.add_extension(san, critical=False)
+        else:
+            usage = x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            )
+            builder = builder.add_extension(usage, critical=True)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca = cert("mailer test CA", ca_key, x509.Name([]), ca_key, ca=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    leaf = cert("127.0.0.1", key, ca.subject, ca_key, ca=False)
+    folder = tmp_path_factory.mktemp("pki")
+    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "relay.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (folder / "relay.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(folder / "relay.pem", folder / "relay.key")
+    return Pki(str(folder / "ca.pem"), server)
+
+
+@pytest.fixture
+def tls_relay(pki: Pki) -> Iterator[tuple[Relay, Controller]]:
+    handler = Relay()
+    controller = start_relay(handler, tls_context=pki.server, require_starttls=True)
+    yield handler, controller
+    controller.stop()
+
+
+async def test_starttls_to_a_private_ca_relay_builds_one_context_for_every_connection(
+    pki: Pki, tls_relay: tuple[Relay, Controller], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler, controller = tls_relay
+    built: list[object] = []
+    real = ssl.create_default_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    vendor = SmtpVendor(settings_for(controller, starttls=True, ca_file=pki.ca_file))
+    async with vendor:
+        results = await asyncio.gather(*(vendor.send(make_email(), f"tls-{i}") for i in range(3)))
+    assert all(r.message_id for r in results) and len(handler.delivered) == 3
+    assert len(built) == 1  # at connect; aiosmtplib would build one per connection
+
+
+async def test_a_relay_certificate_we_do_not_trust_is_a_settings_problem(
+    tls_relay: tuple[Relay, Controller],
+) -> None:
+    handler, controller = tls_relay
+    async with SmtpVendor(settings_for(controller, starttls=True)) as vendor:  # the system's CAs only
+        with pytest.raises(VendorAuthError) as caught:
+            await vendor.send(make_email(), "untrusted")
+    assert "TLS" in str(caught.value) and "certificate verify failed" in str(caught.value)
+    assert handler.delivered == []
+
+
+async def test_an_unreadable_ca_file_is_refused_at_connect(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("not a certificate")
+    for ca_file in (str(bad), str(tmp_path / "missing.pem")):
+        vendor = SmtpVendor(SmtpSettings(host="127.0.0.1", port=free_port(), ca_file=ca_file))
+        with pytest.raises(VendorConfigError) as caught:
+            await vendor.connect()
+        assert "ca_file" in str(caught.value) and ca_file in str(caught.value)
