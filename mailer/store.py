@@ -49,6 +49,10 @@ MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's documented BSON document limi
 # How long the producer may hold a lone send's job receipt before writing it (with others'):
 # the requeue sweep's in-flight bound waits this much longer for a receipt.
 RECEIPT_DELAY_S = 1.0
+# A suppression view announces its lease again every LEASE_ANNOUNCE_EVERY_S; writers heed
+# announcements this recent (a process gone, or configured anew, stops counting after it).
+LEASE_ANNOUNCE_EVERY_S = 600.0
+LEASE_ANNOUNCED_FOR_S = 3600.0
 # The outbox trims at most this many more than a write added (see MailStore._trim_outbox).
 OUTBOX_TRIM_SLACK = 100
 # Outbox writes in flight at once, at most (MailStore._keep_in_background).
@@ -1019,10 +1023,29 @@ class MailStore(AsyncResource):
         if settle:
             await self.settle_suppressions()
 
+    async def announce_suppression_lease(self, lease_s: float) -> None:
+        """A view will trust its copy for ``lease_s``: say so where every writer looks, before
+        it does (one document per lease in use, stamped; see :meth:`settle_suppressions`)."""
+        await self.suppressions_state.update_one(
+            {"_id": f"lease {lease_s!r}"},
+            {"$set": {"lease_s": float(lease_s), "at": time.time()}},
+            upsert=True,
+        )
+
+    async def longest_suppression_lease(self) -> float:
+        """The longest lease a view announced within ``LEASE_ANNOUNCED_FOR_S`` (0 for none)."""
+        since = time.time() - LEASE_ANNOUNCED_FOR_S
+        found = self.suppressions_state.find({"lease_s": {"$gt": 0}, "at": {"$gte": since}})
+        return max([float(d["lease_s"]) async for d in found], default=0.0)
+
     async def settle_suppressions(self) -> None:
         """Wait out the views' lease (a little more, for clocks that run at different rates):
-        after it, no process trusts a view read before the change."""
-        lease = self.settings.suppression.lease_s
+        after it, no process trusts a view read before the change.
+
+        The longest lease any view announced, not only this process's: a writer configured
+        with a shorter ``lease_s`` (or 0, querying per write itself) than some sender would
+        otherwise return while that sender still trusts a copy without the change."""
+        lease = max(self.settings.suppression.lease_s, await self.longest_suppression_lease())
         if lease > 0:
             await asyncio.sleep(lease * 1.05 + 0.01)
 

@@ -15,6 +15,10 @@ CLI returned) is therefore checked against a list that has it. A send racing wit
 change may see it or not, as with a query. A view that cannot read MongoDB stops being
 trusted when its lease ends, and the check queries again (and fails as a query would).
 
+Writers wait out the longest lease any view announced (each view announces its own before
+it first trusts a copy, and every ``LEASE_ANNOUNCE_EVERY_S`` after), so processes need not
+agree on ``lease_s``.
+
 Lists above ``max_entries`` addresses are not copied (the process would hold them all);
 such a process queries per write, as with ``lease_s = 0``.
 """
@@ -31,6 +35,7 @@ from typing import Protocol
 from pymongo.errors import PyMongoError
 
 from mailer.lifecycle import stop_tasks
+from mailer.store import LEASE_ANNOUNCE_EVERY_S
 
 __all__ = ["MAX_ENTRIES", "SuppressionView"]
 
@@ -44,6 +49,8 @@ class _ListStore(Protocol):
     async def suppression_generation(self) -> int: ...
 
     async def all_suppressions(self, limit: int) -> list[str]: ...
+
+    async def announce_suppression_lease(self, lease_s: float) -> None: ...
 
 
 class SuppressionView:
@@ -65,6 +72,7 @@ class SuppressionView:
         self._addresses: frozenset[str] = frozenset()
         self._generation: int | None = None
         self._trusted_until = float("-inf")
+        self._announce_due = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.too_large = False
@@ -99,6 +107,9 @@ class SuppressionView:
         """One read: the generation, and the list again if it changed. The view is then
         trusted for ``lease_s`` from when this read began."""
         began = self._monotonic()
+        if began >= self._announce_due:  # before the first trust, and again now and then
+            await self._store.announce_suppression_lease(self.lease_s)
+            self._announce_due = began + LEASE_ANNOUNCE_EVERY_S
         generation = await self._store.suppression_generation()
         if generation != self._generation:
             found = await self._store.all_suppressions(self.max_entries + 1)

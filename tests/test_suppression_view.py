@@ -74,6 +74,7 @@ class ListStore:
         self.queries = 0
         self.loads = 0
         self.fail = False
+        self.announced: list[float] = []
 
     async def suppressed_among(self, addresses: Sequence[str]) -> set[str]:
         self.queries += 1
@@ -89,6 +90,13 @@ class ListStore:
     async def all_suppressions(self, limit: int) -> list[str]:
         self.loads += 1
         return sorted(self.addresses)[:limit]
+
+    async def announce_suppression_lease(self, lease_s: float) -> None:
+        if self.fail:
+            from pymongo.errors import AutoReconnect
+
+            raise AutoReconnect("MongoDB away")
+        self.announced.append(lease_s)
 
     def change(self, *, add: str = "", remove: str = "") -> None:
         self.addresses = (self.addresses | {add} if add else self.addresses) - {remove}
@@ -212,3 +220,53 @@ async def test_close_returns_though_a_read_swallows_the_cancel() -> None:
     view.start()
     await listed.reading.wait()
     await asyncio.wait_for(view.close(), 3)
+
+
+# --- leases differ between processes: writers wait out the longest announced -------------
+
+
+async def test_a_view_announces_its_lease_before_it_first_trusts_and_again_later() -> None:
+    from mailer.store import LEASE_ANNOUNCE_EVERY_S
+
+    clock, listed = FakeClock(0.0), ListStore()
+    view = SuppressionView(listed, lease_s=1.0, monotonic=clock)
+    listed.fail = True
+    with contextlib.suppress(Exception):
+        await view.refresh()
+    assert listed.announced == [] and not view.trusted  # not announced: never trusted
+    listed.fail = False
+    await view.refresh()
+    assert listed.announced == [1.0] and view.trusted
+    await view.refresh()
+    assert listed.announced == [1.0]  # once per LEASE_ANNOUNCE_EVERY_S, not per read
+    clock.advance(LEASE_ANNOUNCE_EVERY_S)
+    await view.refresh()
+    assert listed.announced == [1.0, 1.0]
+
+
+async def test_a_writer_with_a_shorter_lease_waits_out_the_longest_announced(settings: Settings) -> None:
+    """The sender trusts its copy for 0.6 s; the writer is configured with 0 (it queries per
+    write itself) yet its add returns only once no sender can still trust a copy without it."""
+    async with (
+        MailStore(with_lease(settings, 0.6)) as sender_store,
+        MailStore(with_lease(settings, 0.0)) as writer,
+    ):
+        view = SuppressionView(sender_store, lease_s=0.6)
+        await view.refresh()  # announces 0.6, then trusts an empty copy
+        assert view.trusted and await writer.longest_suppression_lease() == pytest.approx(0.6)
+        t0 = time.monotonic()
+        await writer.add_suppression("late@example.com", reason="manual")
+        assert time.monotonic() - t0 >= 0.6
+        assert not view.trusted or "late@example.com" in await view.suppressed_among(["late@example.com"])
+
+
+async def test_stale_lease_announcements_are_ignored(settings: Settings) -> None:
+    from mailer.store import LEASE_ANNOUNCED_FOR_S
+
+    async with MailStore(with_lease(settings, 0.0)) as s:
+        await s.announce_suppression_lease(5.0)
+        assert await s.longest_suppression_lease() == 5.0
+        old = {"$set": {"at": time.time() - LEASE_ANNOUNCED_FOR_S - 1}}
+        await s.suppressions_state.update_one({"_id": "lease 5.0"}, old)
+        assert await s.longest_suppression_lease() == 0.0  # that process is gone or configured anew
+        assert await s.suppression_generation() == 0  # the generation document is not a lease
