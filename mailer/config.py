@@ -265,7 +265,8 @@ class SuppressionSettings(_Section):
     mode: Literal["refuse", "drop"] = "refuse"
     # How long a process trusts its copy of the list after reading that it is current; a
     # change to the list is acknowledged only this long after it is written, so a send that
-    # starts after it always sees it. 0: no copy, one query per write. The same everywhere.
+    # starts after it always sees it. 0: no copy, one query per write. Processes may differ:
+    # a change waits out the longest lease any sending process announced.
     lease_s: float = Field(0.5, ge=0, le=10)
     # The delivery events that add their recipient to the list by themselves.
     add_on: list[Literal["bounced_hard", "bounced_soft", "complained", "rejected", "unsubscribed"]] = [

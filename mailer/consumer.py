@@ -221,7 +221,7 @@ class Consumer(AsyncResource):
             unfinished = list(self._inflight.values())
             # Until every one has ended (a loop that lost its cancel is cancelled again): a
             # job is handed back only once nothing of this process can still record it.
-            await stop_tasks(pending, within=math.inf, log_errors=False)
+            await stop_tasks(pending, within=math.inf)
             await self._hand_back(unfinished)
         for task in done:
             if not task.cancelled() and task.exception() is not None:
@@ -597,7 +597,7 @@ class Consumer(AsyncResource):
         """On stop: a parked mail still waiting for its token is handed back unsent."""
         waiting = [(t, item) for t, item in self._parked.items() if not item.owned.at_vendor()]
         if waiting:
-            await stop_tasks([t for t, _ in waiting], within=math.inf, log_errors=False)
+            await stop_tasks([t for t, _ in waiting], within=math.inf)
             await self._hand_back([item.owned for _, item in waiting])
 
     async def _drop_ahead(self, ahead: Prefetch) -> None:

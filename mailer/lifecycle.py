@@ -39,9 +39,7 @@ class AsyncResource:
         await self.close()
 
 
-async def stop_tasks(
-    tasks: Iterable[asyncio.Task[Any]], *, within: float = 5.0, log_errors: bool = True
-) -> None:
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], *, within: float = 5.0) -> None:
     """Cancel background tasks and wait for them to end, cancelling again any that go on.
 
     One cancel is not always enough: Python 3.11's ``asyncio.wait_for``, which pymongo wraps
@@ -50,8 +48,8 @@ async def stop_tasks(
     of finds on this machine). A loop that is only ever cancelled, awaited without a bound,
     then holds its owner's ``close()`` forever. A task still running after ``within`` seconds
     is left behind with a warning rather than hanging the shutdown (``math.inf``: wait for
-    every one). A task's own error is logged (unless the caller reads it), not raised: it is
-    over, and the others must still be stopped.
+    every one). A task's own error is logged, not raised: it is over, and the others must
+    still be stopped.
     """
     tasks = list(tasks)
     pending = {t for t in tasks if not t.done()}
@@ -65,6 +63,6 @@ async def stop_tasks(
             log.warning("%d background task(s) still running after %.1f s: left behind", len(pending), within)
             break
         _, pending = await asyncio.wait(pending, timeout=min(_RECANCEL_S, left))
-    for task in tasks if log_errors else ():
+    for task in tasks:
         if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
             log.error("background task %s ended with an error", task.get_name(), exc_info=exc)

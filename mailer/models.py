@@ -218,18 +218,17 @@ class Address(BaseModel):
         the same sender and recipients come back mail after mail."""
         if not isinstance(value, str):
             return handler(value)
-        if trusted := _is_trusted(info):
-            found = None
-        elif (found := _ADDRESS_CACHE.get(value)) is not None:
-            return found
+        trusted = _is_trusted(info)  # skips normalisation: such an Address is never shared
+        if not trusted and (known := _ADDRESS_CACHE.get(value)) is not None:
+            return known
         _header_safe(value, "an address")
         name, addr = _split_address(value)
-        found = handler({"email": addr, "name": name or None})
-        if not trusted:  # a trusted one skipped normalisation: never hand it to others
+        address = handler({"email": addr, "name": name or None})
+        if not trusted:
             if len(_ADDRESS_CACHE) >= _ADDRESS_CACHE_MAX:
                 _ADDRESS_CACHE.clear()
-            _ADDRESS_CACHE[value] = found
-        return found
+            _ADDRESS_CACHE[value] = address
+        return address
 
     @field_validator("email")
     @classmethod

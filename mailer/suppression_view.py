@@ -26,7 +26,6 @@ such a process queries per write, as with ``lease_s = 0``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -74,7 +73,6 @@ class SuppressionView:
         self._trusted_until = float("-inf")
         self._announce_due = float("-inf")
         self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
         self.too_large = False
 
     def __repr__(self) -> str:
@@ -92,7 +90,6 @@ class SuppressionView:
     def start(self) -> None:
         """Keep the view current in the background (nothing to do with ``lease_s = 0``)."""
         if self.lease_s > 0 and self._task is None:
-            self._stopping = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._keep_current(), name="suppression-view")
 
     async def close(self) -> None:
@@ -100,7 +97,6 @@ class SuppressionView:
         self._trusted_until = float("-inf")
         if task is None:
             return
-        self._stopping.set()  # a loop that lost its cancel (see stop_tasks) stops here too
         await stop_tasks([task], within=self.lease_s + 5)
 
     async def refresh(self) -> None:
@@ -121,7 +117,7 @@ class SuppressionView:
 
     async def _keep_current(self) -> None:
         period = self.lease_s / 3  # two reads may fail before the view stops being trusted
-        while not self._stopping.is_set():
+        while True:
             try:
                 await self.refresh()
             except PyMongoError as exc:
@@ -132,5 +128,4 @@ class SuppressionView:
                     self.max_entries,
                 )
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), period)
+            await asyncio.sleep(period)
