@@ -48,6 +48,29 @@ async def test_items_arriving_during_a_write_go_together_in_the_next() -> None:
     assert batches == [[0], [1, 2, 3]]
 
 
+async def test_a_straggler_does_not_split_every_later_batch_in_two() -> None:
+    """Callers that submit again as soon as they are answered: one that arrived mid-write
+    once (a straggler) must be joined by the others in the next write, not written alone
+    while they wait, which would then repeat for good (50 senders in batches of 49 and 1)."""
+    batches: list[int] = []
+
+    async def write(items: list[int]) -> list[int]:
+        batches.append(len(items))
+        await asyncio.sleep(0.002)
+        return items
+
+    batcher: Batcher[int, int] = Batcher(write, max_batch=100)
+
+    async def caller(first_delay: float) -> None:
+        await asyncio.sleep(first_delay)
+        for i in range(30):
+            await batcher.submit(i)
+
+    await asyncio.gather(caller(0.001), *(caller(0) for _ in range(9)))
+    assert batches[0] == 9  # the straggler was not there yet
+    assert set(batches[1:-1]) == {10}, batches  # then it went with everyone (its last goes alone)
+
+
 async def test_writers_bound_the_writes_in_flight() -> None:
     async def write(items: list[int]) -> list[int]:
         await asyncio.sleep(0.02)

@@ -661,9 +661,72 @@ async def test_written_receipts_are_not_kept() -> None:
         epoch = receipts.join(doc)
         receipts.leave(epoch, str(doc["_id"]), stored=True, job=i)
         await asyncio.sleep(0)
-        await receipts.record(str(ObjectId()), True, {"x": i})  # a batch's receipt, too
+        batch = [{"_id": ObjectId()} for _ in range(3)]  # a group commit's epoch, too
+        epoch = receipts.join_all(batch, str(batch[1]["_id"]))
+        for doc in batch:
+            receipts.leave(epoch, str(doc["_id"]), stored=True, job=i)
+        await asyncio.sleep(0)
     await asyncio.sleep(0.05)
     assert receipts._unwritten == set()
+
+
+async def test_group_commits_share_one_epoch_receipt(
+    settings: Settings, reader: Beanstalk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several group commits in a row write one receipt between them, not one each (that
+    was an eighth of a concurrent send's CPU), and the sweep still sees every job."""
+    receipts: list[tuple[str, dict[str, int]]] = []
+    writes: list[int] = []
+    async with Producer(settings) as producer:
+        monkeypatch.setattr(producer._receipts, "_delay", 3600.0)  # only quit() writes it
+        record_jobs, insert_many = producer.store.record_jobs, producer.store.insert_many
+
+        async def spy(leader: str, jobs: dict[str, int]) -> None:
+            receipts.append((leader, dict(jobs)))
+            await record_jobs(leader, jobs)
+
+        async def counted(docs: Any) -> Any:
+            writes.append(len(docs))
+            return await insert_many(docs)
+
+        monkeypatch.setattr(producer.store, "record_jobs", spy)
+        monkeypatch.setattr(producer.store, "insert_many", counted)
+        ids: list[str] = []
+        for round_ in range(3):
+            ids += await asyncio.gather(*(producer.send(mail(100 * round_ + i)) for i in range(40)))
+        assert len(writes) >= 3 and receipts == []
+    jobs = {}
+    for _ in ids:
+        job = await reader.reserve(timeout=2)
+        jobs[job.body.decode()] = job.id
+    for job_id in jobs.values():
+        await reader.release(job_id)
+    assert len(receipts) == 1 and receipts[0][1] == jobs  # one receipt for every batch
+    async with MailStore(settings) as store:
+        stored = await store.mails.find({}, {"batch": 1}).to_list()
+        assert {str(d["batch"]) for d in stored} == {receipts[0][0]}
+        b = settings.beanstalkd
+        async with Beanstalk(b.host, b.port) as queue:
+            report = await sweep(settings, store, queue, older_than_s=0, now=time.time() + 120)
+        assert report.requeued == [] and report.live == len(ids), report.summary()
+
+
+async def test_a_full_epoch_is_written_without_waiting_for_its_time(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[int] = []
+    async with Producer(settings) as producer:
+        monkeypatch.setattr(producer._receipts, "_delay", 3600.0)
+        monkeypatch.setattr(producer._receipts, "_max", 30)
+        record_jobs = producer.store.record_jobs
+
+        async def spy(leader: str, jobs: dict[str, int]) -> None:
+            written.append(len(jobs))
+            await record_jobs(leader, jobs)
+
+        monkeypatch.setattr(producer.store, "record_jobs", spy)
+        await producer.send_many([mail(i) for i in range(30)])
+        await wait_until(lambda: written == [30], within=5, what="the full epoch's receipt")
 
 
 async def test_concurrent_sends_still_group_commit(
