@@ -79,6 +79,17 @@ async def reserve_bodies(reader: Beanstalk, n: int) -> list[str]:
     return bodies
 
 
+async def jobs_of(reader: Beanstalk, n: int) -> dict[str, int]:
+    """``{mail id: job id}`` of the next ``n`` jobs, each released again (still live)."""
+    jobs = {}
+    for _ in range(n):
+        job = await reader.reserve(timeout=2)
+        jobs[job.body.decode()] = job.id
+    for job_id in jobs.values():
+        await reader.release(job_id)
+    return jobs
+
+
 async def count_docs(settings: Settings) -> int:
     async with MailStore(settings) as store:
         return await store.mails.count_documents({})
@@ -562,12 +573,7 @@ async def test_a_lone_send_writes_only_its_insert_and_its_receipt_later(
         monkeypatch.setattr(producer.store, "record_jobs", spy)
         ids = [await producer.send(mail(i)) for i in range(5)]
         assert receipts == []  # no second write on any caller's path
-    jobs = {}
-    for _ in ids:
-        job = await reader.reserve(timeout=2)
-        jobs[job.body.decode()] = job.id
-    for job_id in jobs.values():
-        await reader.release(job_id)
+    jobs = await jobs_of(reader, len(ids))
     assert receipts == [(ids[0], jobs)]  # one receipt for the five, written by quit()
     async with MailStore(settings) as store:
         await check_lone_receipt(settings, store, ids, jobs)
@@ -695,12 +701,7 @@ async def test_group_commits_share_one_epoch_receipt(
         for round_ in range(3):
             ids += await asyncio.gather(*(producer.send(mail(100 * round_ + i)) for i in range(40)))
         assert len(writes) >= 3 and receipts == []
-    jobs = {}
-    for _ in ids:
-        job = await reader.reserve(timeout=2)
-        jobs[job.body.decode()] = job.id
-    for job_id in jobs.values():
-        await reader.release(job_id)
+    jobs = await jobs_of(reader, len(ids))
     assert len(receipts) == 1 and receipts[0][1] == jobs  # one receipt for every batch
     async with MailStore(settings) as store:
         stored = await store.mails.find({}, {"batch": 1}).to_list()
