@@ -72,28 +72,30 @@ class Batcher(Generic[T, R]):
             self._active -= 1
 
     async def _drain_waiting(self) -> None:
-        first = True
         while self._waiting:
-            if not first and len(self._waiting) < self.max_batch:
+            await self._write_next()
+            if 0 < len(self._waiting) < self.max_batch:
                 # One loop iteration before the next write, so the callers the last write just
                 # answered can join it. Without it, a caller that arrived mid-write is written
                 # alone at once, the others arrive during that write, and the split holds for
                 # good: 50 senders settled into batches of 49 and 1, twice the round trips.
                 await asyncio.sleep(0)
-            first = False
-            n = take([item for item, _ in self._waiting[: self.max_batch]], self.max_weight, self._weigh)
-            batch = self._waiting[:n]
-            del self._waiting[:n]
-            try:
-                results = await self._write([item for item, _ in batch])
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(self._on_error(exc))
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
+
+    async def _write_next(self) -> None:
+        """One write of the items waiting longest; every caller of it gets its answer."""
+        n = take([item for item, _ in self._waiting[: self.max_batch]], self.max_weight, self._weigh)
+        batch = self._waiting[:n]
+        del self._waiting[:n]
+        try:
+            results = await self._write([item for item, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
                 if not future.done():
-                    future.set_result(result)
+                    future.set_exception(self._on_error(exc))
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
     async def close(self, within: float | None = None) -> None:
         """Wait (at most ``within`` seconds) for the writes already accepted."""

@@ -66,9 +66,9 @@ def _approx_bytes(mail: Email) -> int:
 
 
 def _leader(entries: Sequence[_Entry]) -> str:
-    """The mail whose document carries the batch's job receipt: the smallest (the receipt
-    must fit beside it), and one with no idempotency key if any (it cannot turn out to be
-    someone else's mail and so not be stored)."""
+    """The mail whose document carries the receipt of the epoch this batch opens, if it
+    opens one: the smallest (the receipt must fit beside it), and one with no idempotency key
+    if any (it cannot turn out to be someone else's mail and so not be stored)."""
     keyless = [e for e in entries if "idempotency_key" not in e.doc]
     return str(min(keyless or entries, key=lambda e: e.size).doc["_id"])
 
@@ -435,9 +435,11 @@ class Producer(AsyncResource):
                 raise _write_failed(exc) from None
             return await self._queue_stored(entries, stored, queued)
         finally:
-            for i, doc in enumerate(docs):
+            # Every member leaves, stored or not (a failed insert_many stored none we know of).
+            outcomes: Sequence[tuple[str, bool] | StoreError | None] = stored or [None] * len(docs)
+            for doc, outcome in zip(docs, outcomes, strict=True):
                 mail_id = str(doc["_id"])
-                fresh = i < len(stored) and isinstance(outcome := stored[i], tuple) and outcome[1]
+                fresh = isinstance(outcome, tuple) and outcome[1]
                 self._receipts.leave(epoch, mail_id, stored=fresh, job=queued.get(mail_id))
 
     async def _queue_stored(
