@@ -90,7 +90,7 @@ class MongoSettings(_Section):
     timeout_ms: int = Field(5000, ge=100)
     # Every write's write concern: "majority" or a number of members (at least 1: an
     # unacknowledged write could be lost unseen). Unset: a w= of the URI, else "majority" on a
-    # replica set and 1 on a standalone. journal: wait for the journal (j=true).
+    # replica set or a mongos and 1 on a standalone. journal: wait for the journal (j=true).
     write_concern: Literal["majority"] | Annotated[int, Field(ge=1)] | None = None
     journal: bool | None = None
 

@@ -231,7 +231,7 @@ class Producer(AsyncResource):
         settings = settings if settings is not None else load_settings()
         self.settings = settings.for_test() if test else settings
         b = self.settings.beanstalkd
-        self.store = MailStore(self.settings, socket_timeouts=True)
+        self.store = MailStore(self.settings, insert_client=True)
         self.queue = Fleet.from_settings(b)  # one or several beanstalkd servers
         self._meter = ThroughputMeter("Producer", self.settings.throughput_interval_s)
         # The list from memory while its view is trusted (see mailer.suppression_view).

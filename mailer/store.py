@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from pymongo.errors import (
     BulkWriteError,
     ConfigurationError,
     DuplicateKeyError,
+    NetworkTimeout,
     OperationFailure,
     PyMongoError,
 )
@@ -178,20 +179,24 @@ class MailStore(AsyncResource):
         settings: Settings,
         *,
         client: AsyncMongoClient[Doc] | None = None,
-        socket_timeouts: bool = False,
+        insert_client: bool = False,
     ) -> None:
-        """``socket_timeouts``: bound each socket read, pool wait, connect and server
-        selection by ``mongodb.timeout_ms`` instead of each whole operation (pymongo's
-        ``timeoutMS``). The producer's choice: ``timeoutMS`` costs 60-100 us of client CPU
-        per operation (measured: 495 against 395 us per ``insert_one``), a quarter of a lone
-        send; a write still never hangs, it may just take up to twice the bound when pymongo
-        retries it once."""
+        """``insert_client``: new mails are inserted through a second client of the store's
+        own whose sockets have no timers, each insert bounded as a whole by one
+        ``asyncio.timeout`` of ``mongodb.timeout_ms`` (and a retried write within it). pymongo
+        arms asyncio timers around every socket write and read when ``timeoutMS`` or
+        ``socketTimeoutMS`` is set: 60-90 us of client CPU per ``insert_one`` here, measured
+        interleaved, about a tenth of a lone send. The producer's choice; every other
+        operation keeps ``timeoutMS``. (A cancelled pymongo operation closes its connection,
+        so a deadline never leaves a half-read reply in the pool.)"""
         self.settings = settings
-        self._socket_timeouts = socket_timeouts
+        self._wants_insert_client = insert_client
         self._own_client = client is None
         self._client = client
+        self._insert_client: AsyncMongoClient[Doc] | None = None
         self._collections: dict[str, AsyncCollection[Doc]] = {}
         self._mails: AsyncCollection[Doc] | None = None
+        self._inserts: AsyncCollection[Doc] | None = None
         self._vendors: AsyncCollection[Doc] | None = None
         self._outbox_writes: set[asyncio.Task[None]] = set()
 
@@ -206,32 +211,10 @@ class MailStore(AsyncResource):
             return
         m = self.settings.mongodb
         if self._client is None:
-            deadlines: dict[str, Any] = (
-                {"socketTimeoutMS": m.timeout_ms, "waitQueueTimeoutMS": m.timeout_ms}
-                if self._socket_timeouts
-                else {"timeoutMS": m.timeout_ms}
-            )
-            try:
-                self._client = AsyncMongoClient(
-                    m.uri.get_secret_value(),
-                    tz_aware=True,
-                    tzinfo=dt.UTC,
-                    **deadlines,
-                    serverSelectionTimeoutMS=m.timeout_ms,
-                    connectTimeoutMS=m.timeout_ms,
-                    appname="mailer",
-                )
-            except (ConfigurationError, ValueError) as exc:
-                # pymongo parses the URI here (a ValueError for some bad ports and unescaped
-                # passwords). Its message may quote parts of the URI, so only the type is shown.
-                raise ConfigError(
-                    f"mongodb.uri is unusable ({type(exc).__name__}): percent-escape the user name "
-                    "and password (urllib.parse.quote_plus), check the host, port and options, and "
-                    "that a mongodb+srv:// host resolves"
-                ) from None
-        db = self._client.get_default_database(default=m.database or "mailer")
-        if m.database:
-            db = self._client[m.database]
+            self._client = self._new_client(m.timeout_ms)
+        if self._wants_insert_client and self._own_client and self._insert_client is None:
+            self._insert_client = self._new_client(None)
+        db = self._database(self._client)
         try:
             # Every write of every collection goes with the write concern; claims (and every
             # read) go to the primary, which a claim's compare-and-set must see.
@@ -239,6 +222,11 @@ class MailStore(AsyncResource):
                 write_concern=await self._write_concern(db), read_preference=ReadPreference.PRIMARY
             )
             self._mails = db[m.collection]
+            self._inserts = self._mails
+            if self._insert_client is not None:
+                self._inserts = self._database(self._insert_client).with_options(
+                    write_concern=db.write_concern, read_preference=ReadPreference.PRIMARY
+                )[m.collection]
             self._vendors = db[m.vendor_status_collection]
             await self.ensure_indexes()
         except (PyMongoError, KeyError) as exc:
@@ -266,10 +254,38 @@ class MailStore(AsyncResource):
                 "is running ('make services' starts the local one)"
             ) from None
 
+    def _new_client(self, timeout_ms: int | None) -> AsyncMongoClient[Doc]:
+        """A client; ``timeout_ms`` None for one with no timers on its sockets (deadlines
+        are then the caller's, see ``insert_client``)."""
+        m = self.settings.mongodb
+        try:
+            return AsyncMongoClient(
+                m.uri.get_secret_value(),
+                tz_aware=True,
+                tzinfo=dt.UTC,
+                timeoutMS=timeout_ms,
+                serverSelectionTimeoutMS=m.timeout_ms,
+                connectTimeoutMS=m.timeout_ms,
+                appname="mailer",
+            )
+        except (ConfigurationError, ValueError) as exc:
+            # pymongo parses the URI here (a ValueError for some bad ports and unescaped
+            # passwords). Its message may quote parts of the URI, so only the type is shown.
+            raise ConfigError(
+                f"mongodb.uri is unusable ({type(exc).__name__}): percent-escape the user name "
+                "and password (urllib.parse.quote_plus), check the host, port and options, and "
+                "that a mongodb+srv:// host resolves"
+            ) from None
+
+    def _database(self, client: AsyncMongoClient[Doc]) -> AsyncDatabase[Doc]:
+        name = self.settings.mongodb.database
+        return client[name] if name else client.get_default_database(default="mailer")
+
     async def _write_concern(self, db: AsyncDatabase[Doc]) -> WriteConcern:
         """``mongodb.write_concern`` if set; else a ``w=`` the URI gives; else the server is
-        asked (one ``hello``): "majority" on a replica set, so that an acknowledged mail
-        survives a failover; 1 on a standalone, which has no majority to wait for."""
+        asked (one ``hello``): "majority" on a replica set or through a ``mongos``, so that
+        an acknowledged mail survives a failover; 1 on a standalone, which has no majority
+        to wait for."""
         m = self.settings.mongodb
         from_uri = db.write_concern.document.get("w")
         if m.write_concern is not None or from_uri is not None:
@@ -277,10 +293,13 @@ class MailStore(AsyncResource):
         return self.write_concern_for(await db.client.admin.command("hello"))
 
     def write_concern_for(self, hello: Doc, *, uri_w: int | str | None = None) -> WriteConcern:
-        """The write concern for a server whose ``hello`` reply is ``hello`` (a replica set
-        member's names its set, ``setName``)."""
+        """The write concern for a server whose ``hello`` reply is ``hello``: "majority" on a
+        replica set member (its reply names the set, ``setName``) and on a sharded cluster's
+        ``mongos`` (``msg: "isdbgrid"``; its shards are replica sets, and a ``w: 1`` there
+        could lose an acknowledged mail in a shard's failover), 1 on a standalone."""
         m = self.settings.mongodb
-        w: int | str = "majority" if hello.get("setName") else 1
+        replicated = bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
+        w: int | str = "majority" if replicated else 1
         if m.write_concern is not None:
             w = m.write_concern
         elif uri_w is not None:
@@ -315,10 +334,13 @@ class MailStore(AsyncResource):
             for task in late:
                 task.cancel()
         self._outbox_writes = set()
+        if self._insert_client is not None:
+            await self._insert_client.close()
+            self._insert_client = None
         if self._client is not None and self._own_client:
             await self._client.close()
             self._client = None
-        self._mails = self._vendors = None
+        self._mails = self._inserts = self._vendors = None
         self._collections.clear()  # made again from the next connection's database
 
     @property
@@ -394,10 +416,28 @@ class MailStore(AsyncResource):
             "12 MB); nothing was stored"
         )
 
+    @property
+    def _insert_to(self) -> AsyncCollection[Doc]:
+        if self._inserts is None:
+            raise StoreError("the store is not connected; call connect() first")
+        return self._inserts
+
+    async def _within_deadline(self, write: Awaitable[object]) -> None:
+        """One insert, bounded as a whole (see ``insert_client``); a missed deadline is
+        pymongo's own NetworkTimeout, so it is handled as a socket timeout always was."""
+        try:
+            async with asyncio.timeout(self.settings.mongodb.timeout_ms / 1000):
+                await write
+        except TimeoutError:
+            raise NetworkTimeout(
+                f"MongoDB did not answer the insert within mongodb.timeout_ms "
+                f"({self.settings.mongodb.timeout_ms} ms)"
+            ) from None
+
     async def insert(self, doc: Doc) -> tuple[str, bool]:
         """Insert one new mail; ``(id, False)`` when its idempotency key was already used."""
         try:
-            await self.mails.insert_one(doc)
+            await self._within_deadline(self._insert_to.insert_one(doc))
         except DuplicateKeyError:
             existing = await self._by_key(doc.get("idempotency_key"))
             if existing is None:
@@ -418,7 +458,7 @@ class MailStore(AsyncResource):
             return []
         refused: dict[int, Doc] = {}
         try:
-            await self.mails.insert_many(docs, ordered=False)
+            await self._within_deadline(self._insert_to.insert_many(docs, ordered=False))
         except BulkWriteError as exc:
             refused = {int(err["index"]): err for err in exc.details.get("writeErrors", [])}
         except PyMongoError:
@@ -443,7 +483,7 @@ class MailStore(AsyncResource):
     async def _insert_alone(self, doc: Doc) -> tuple[str, bool] | StoreError:
         """One doc of a batch that failed as a whole, written again by itself."""
         try:
-            await self.mails.insert_one(doc)
+            await self._within_deadline(self._insert_to.insert_one(doc))
         except DuplicateKeyError:
             if await self.mails.find_one({"_id": doc["_id"]}, {"_id": 1}) is not None:
                 return str(doc["_id"]), True  # the failed batch did store it

@@ -266,6 +266,9 @@ async def test_the_default_write_concern_is_1_on_a_standalone(make_settings: Mak
         assert store.mails.write_concern == WriteConcern(w=1)
         assert store.write_concern_for({"setName": "rs0"}) == WriteConcern(w="majority")
         assert store.write_concern_for({"isWritablePrimary": True}) == WriteConcern(w=1)
+        # A mongos: its shards are replica sets, though its reply names no set.
+        mongos = {"isWritablePrimary": True, "msg": "isdbgrid"}
+        assert store.write_concern_for(mongos) == WriteConcern(w="majority")
 
 
 def test_a_bad_write_concern_is_refused_naming_the_key(tmp_path: Path) -> None:

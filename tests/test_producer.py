@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from bson import ObjectId
 from helpers import OwnBeanstalkd, wait_until
+from pydantic import SecretStr
 
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings
@@ -404,6 +405,83 @@ async def test_send_never_hangs_on_a_silent_server(settings: Settings) -> None:
             assert (await producer.status(info.value.mail_ids[0])).status is Status.QUEUED
     finally:
         server.close()
+
+
+class StallingProxy:
+    """A TCP proxy in front of MongoDB that can stop passing the server's replies on: a
+    server that takes writes and never answers them (frozen, or a network that drops one
+    way), with the client's connections left open."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.passing = asyncio.Event()
+        self.passing.set()
+        self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        for task in (self._pump(reader, up_writer, False), self._pump(up_reader, writer, True)):
+            self._pumps.add(asyncio.create_task(task))
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
+        try:
+            while data := await src.read(65536):
+                if replies:
+                    await self.passing.wait()
+                dst.write(data)
+                await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+
+async def test_a_write_that_mongodb_never_answers_fails_within_its_deadline(settings: Settings) -> None:
+    """The producer's inserts have one deadline each (``mongodb.timeout_ms``), not a timer
+    per socket read: a lone send and a batch both fail with StoreError when it passes, and
+    the connections they gave up on are not reused (the next sends get their own replies)."""
+    host, _, port = (
+        settings.mongodb.uri.get_secret_value().removeprefix("mongodb://").partition("/")[0].partition(":")
+    )
+    proxy = StallingProxy((host, int(port or 27017)))
+    proxied = f"mongodb://127.0.0.1:{await proxy.start()}/{settings.mongodb.database or 'mailer'}"
+    m = settings.mongodb.model_copy(update={"uri": SecretStr(proxied), "timeout_ms": 600})
+    # The suppression list's copy stays trusted throughout, so the writes are what waits.
+    s = settings.suppression.model_copy(update={"lease_s": 10.0})
+    try:
+        async with Producer(settings.model_copy(update={"mongodb": m, "suppression": s})) as producer:
+            assert HEX24.match(await producer.send(mail(0)))
+            proxy.passing.clear()
+            # A batch that fails as a whole is written again one mail at a time: two deadlines.
+            for attempt, deadlines in (
+                (lambda: producer.send(mail(1)), 1),
+                (lambda: producer.send_many([mail(2), mail(3)]), 2),
+            ):
+                started = time.monotonic()
+                with pytest.raises(StoreError, match="may or may not be stored"):
+                    await attempt()
+                assert 0.6 * deadlines <= time.monotonic() - started < 0.6 * deadlines + 0.9
+            proxy.passing.set()
+            first, second = await producer.send(mail(4)), await producer.send_many([mail(5), mail(6)])
+            assert (await producer.status(first)).email.subject == mail(4)["subject"]
+            assert [(await producer.status(i)).email.subject for i in second] == [
+                mail(5)["subject"],
+                mail(6)["subject"],
+            ]
+    finally:
+        await proxy.close()
 
 
 # --- throughput lines ----------------------------------------------------------------
