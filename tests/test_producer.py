@@ -16,6 +16,7 @@ import pytest
 from bson import ObjectId
 from helpers import OwnBeanstalkd, wait_until
 from pydantic import SecretStr
+from vendors.http_doubles import LoopbackServer
 
 from mailer.beanstalk import Beanstalk
 from mailer.config import Settings
@@ -407,26 +408,21 @@ async def test_send_never_hangs_on_a_silent_server(settings: Settings) -> None:
         server.close()
 
 
-class StallingProxy:
+class StallingProxy(LoopbackServer):
     """A TCP proxy in front of MongoDB that can stop passing the server's replies on: a
     server that takes writes and never answers them (frozen, or a network that drops one
     way), with the client's connections left open."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
+        super().__init__()
         self.upstream = upstream
         self.passing = asyncio.Event()
         self.passing.set()
-        self._server: asyncio.Server | None = None
-        self._pumps: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        for task in (self._pump(reader, up_writer, False), self._pump(up_reader, writer, True)):
-            self._pumps.add(asyncio.create_task(task))
+        for pump in (self._pump(reader, up_writer, False), self._pump(up_reader, writer, True)):
+            self._tasks.add(asyncio.create_task(pump))
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
         try:
@@ -440,13 +436,6 @@ class StallingProxy:
         finally:
             dst.close()
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in self._pumps:
-            task.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
-
 
 async def test_a_write_that_mongodb_never_answers_fails_within_its_deadline(settings: Settings) -> None:
     """The producer's inserts have one deadline each (``mongodb.timeout_ms``), not a timer
@@ -456,13 +445,16 @@ async def test_a_write_that_mongodb_never_answers_fails_within_its_deadline(sett
         settings.mongodb.uri.get_secret_value().removeprefix("mongodb://").partition("/")[0].partition(":")
     )
     proxy = StallingProxy((host, int(port or 27017)))
-    proxied = f"mongodb://127.0.0.1:{await proxy.start()}/{settings.mongodb.database or 'mailer'}"
+    await proxy.start()
+    proxied = f"mongodb://127.0.0.1:{proxy.port}/{settings.mongodb.database or 'mailer'}"
     m = settings.mongodb.model_copy(update={"uri": SecretStr(proxied), "timeout_ms": 600})
-    # The suppression list's copy stays trusted throughout, so the writes are what waits.
     s = settings.suppression.model_copy(update={"lease_s": 10.0})
     try:
         async with Producer(settings.model_copy(update={"mongodb": m, "suppression": s})) as producer:
             assert HEX24.match(await producer.send(mail(0)))
+            # The suppression list's copy stays trusted throughout (its first read done), so
+            # the writes are what waits.
+            await wait_until(lambda: producer._suppressions.trusted, within=5, what="the list's copy")
             proxy.passing.clear()
             # A batch that fails as a whole is written again one mail at a time: two deadlines.
             for attempt, deadlines in (
@@ -481,7 +473,7 @@ async def test_a_write_that_mongodb_never_answers_fails_within_its_deadline(sett
                 mail(6)["subject"],
             ]
     finally:
-        await proxy.close()
+        await proxy.stop()
 
 
 # --- throughput lines ----------------------------------------------------------------
