@@ -424,7 +424,11 @@ class MailStore(AsyncResource):
 
     async def _within_deadline(self, write: Awaitable[object]) -> None:
         """One insert, bounded as a whole (see ``insert_client``); a missed deadline is
-        pymongo's own NetworkTimeout, so it is handled as a socket timeout always was."""
+        pymongo's own NetworkTimeout, so it is handled as a socket timeout always was.
+        Without an insert client the client's own ``timeoutMS`` is the deadline."""
+        if self._insert_client is None:
+            await write
+            return
         try:
             async with asyncio.timeout(self.settings.mongodb.timeout_ms / 1000):
                 await write

@@ -266,7 +266,11 @@ async def test_the_default_write_concern_is_1_on_a_standalone(make_settings: Mak
         assert store.mails.write_concern == WriteConcern(w=1)
         assert store.write_concern_for({"setName": "rs0"}) == WriteConcern(w="majority")
         assert store.write_concern_for({"isWritablePrimary": True}) == WriteConcern(w=1)
-        # A mongos: its shards are replica sets, though its reply names no set.
+
+
+async def test_the_default_write_concern_is_majority_through_a_mongos(make_settings: MakeSettings) -> None:
+    """A mongos's reply names no set, yet its shards are replica sets."""
+    async with MailStore(await make_settings()) as store:
         mongos = {"isWritablePrimary": True, "msg": "isdbgrid"}
         assert store.write_concern_for(mongos) == WriteConcern(w="majority")
 

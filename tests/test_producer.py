@@ -16,6 +16,7 @@ import pytest
 from bson import ObjectId
 from helpers import OwnBeanstalkd, wait_until
 from pydantic import SecretStr
+from pymongo.uri_parser import parse_uri
 from vendors.http_doubles import LoopbackServer
 
 from mailer.beanstalk import Beanstalk
@@ -441,10 +442,8 @@ async def test_a_write_that_mongodb_never_answers_fails_within_its_deadline(sett
     """The producer's inserts have one deadline each (``mongodb.timeout_ms``), not a timer
     per socket read: a lone send and a batch both fail with StoreError when it passes, and
     the connections they gave up on are not reused (the next sends get their own replies)."""
-    host, _, port = (
-        settings.mongodb.uri.get_secret_value().removeprefix("mongodb://").partition("/")[0].partition(":")
-    )
-    proxy = StallingProxy((host, int(port or 27017)))
+    (mongo,) = parse_uri(settings.mongodb.uri.get_secret_value())["nodelist"]
+    proxy = StallingProxy(mongo)
     await proxy.start()
     proxied = f"mongodb://127.0.0.1:{proxy.port}/{settings.mongodb.database or 'mailer'}"
     m = settings.mongodb.model_copy(update={"uri": SecretStr(proxied), "timeout_ms": 600})
