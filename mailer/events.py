@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -129,7 +129,7 @@ def from_iso(value: Any) -> dt.datetime | None:
 class SuppressionList(Protocol):
     """What the check needs of the store: one query for many addresses."""
 
-    async def suppressed_among(self, addresses: Sequence[str]) -> set[str]: ...
+    async def suppressed_among(self, addresses: Collection[str]) -> set[str]: ...
 
 
 def mail_recipients(mail: Email | Mapping[str, Any]) -> list[str]:
@@ -138,18 +138,24 @@ def mail_recipients(mail: Email | Mapping[str, Any]) -> list[str]:
         return [normalize_address(a.email) for a in mail.recipients()]
     found: list[str] = []
     for kind in ("to", "cc", "bcc"):  # a stored mail leaves out the empty ones
-        if addresses := mail.get(kind):
-            found.extend(normalize_address(str(a["email"])) for a in addresses)
+        for a in mail.get(kind) or ():
+            found.append(normalize_address(str(a["email"])))
     return found
 
 
 async def suppressed_per_mail(
     store: SuppressionList, mails: Sequence[Email | Mapping[str, Any]]
 ) -> list[list[str]]:
-    """Per mail, its suppressed recipients (in the mail's order): one query for all."""
+    """Per mail, its suppressed recipients (in the mail's order): one query for all.
+
+    Almost every batch has no listed recipient, so that case costs one set and the lookup:
+    the per-mail lists are built only when something is listed (a send's check is on the
+    hot path of every mail)."""
     recipients = [mail_recipients(m) for m in mails]
-    wanted = sorted({a for found in recipients for a in found})
+    wanted = {a for found in recipients for a in found}
     listed = await store.suppressed_among(wanted) if wanted else set()
+    if not listed:
+        return [[] for _ in recipients]
     return [list(dict.fromkeys(a for a in found if a in listed)) for found in recipients]
 
 
@@ -196,6 +202,8 @@ class SuppressionCheck:
                 f"could not check the suppression list ({type(exc).__name__}); nothing was stored: "
                 "check that MongoDB is reachable and send again"
             ) from None
+        if not any(found):
+            return [None] * len(docs)
         out: list[RecipientSuppressed | None] = []
         for doc, suppressed in zip(docs, found, strict=True):
             if suppressed and self.mode == "refuse":

@@ -218,6 +218,8 @@ class Fleet(AsyncResource):
         server, puts = await self._on_some_server(
             first, lambda queue: queue.put_many(bodies, priority=priority, delay=delay, ttr=ttr)
         )
+        if server == 0:
+            return puts  # server 0's job ids are the fleet's as they are
         return [p if isinstance(p, BeanstalkServerError) else fleet_job_id(server, p) for p in puts]
 
     async def _on_some_server(

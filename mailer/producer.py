@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,12 +65,13 @@ def _approx_bytes(mail: Email) -> int:
     return 2048 + bodies + sum(len(a.content) for a in mail.attachments)
 
 
-def _leader(entries: Sequence[_Entry]) -> str:
-    """The mail whose document carries the receipt of the epoch this batch opens, if it
-    opens one: the smallest (the receipt must fit beside it), and one with no idempotency key
-    if any (it cannot turn out to be someone else's mail and so not be stored)."""
-    keyless = [e for e in entries if "idempotency_key" not in e.doc]
-    return str(min(keyless or entries, key=lambda e: e.size).doc["_id"])
+def _leader(entries: Sequence[_Entry]) -> int:
+    """The index of the mail whose document carries the receipt of the epoch this batch
+    opens, if it opens one: the smallest (the receipt must fit beside it), and one with no
+    idempotency key if any (it cannot turn out to be someone else's mail and so not be
+    stored)."""
+    keyless = [i for i, e in enumerate(entries) if "idempotency_key" not in e.doc]
+    return min(keyless or range(len(entries)), key=lambda i: entries[i].size)
 
 
 def _write_failed(exc: Exception) -> StoreError:
@@ -128,15 +129,18 @@ class _Receipts:
 
     def join(self, doc: Doc) -> _Epoch:
         """A lone send's mail joins the open epoch (or opens one, as its leader)."""
-        return self.join_all([doc], str(doc["_id"]))
+        return self.join_all([doc], lambda: 0)[0]
 
-    def join_all(self, docs: Sequence[Doc], leader: str) -> _Epoch:
+    def join_all(self, docs: Sequence[Doc], leader: Callable[[], int]) -> tuple[_Epoch, int | None]:
         """A group commit's mails join the open epoch together, or open one whose leader is
-        ``leader`` (the batch's best carrier of the receipt, see :func:`_leader`)."""
-        epoch = self._epoch
+        ``docs[leader()]`` (the batch's best carrier of the receipt, see :func:`_leader`).
+        With the epoch, the leader's index when this batch opened it (it then reports the
+        leader's outcome in :meth:`leave_all`)."""
+        epoch, opened = self._epoch, None
         if epoch is None or epoch.closing or len(epoch.jobs) + epoch.pending + len(docs) > self._max:
             loop = asyncio.get_running_loop()
-            epoch = self._epoch = _Epoch(leader, loop.create_future())
+            opened = leader()
+            epoch = self._epoch = _Epoch(str(docs[opened]["_id"]), loop.create_future())
             self._unwritten.add(epoch.written)
             loop.call_later(self._delay, self._close, epoch)
         epoch.pending += len(docs)
@@ -144,7 +148,7 @@ class _Receipts:
             doc["batch"] = epoch.leader
         if len(epoch.jobs) + epoch.pending >= self._max:
             self._close(epoch)  # full: written as soon as its members are done
-        return epoch
+        return epoch, opened
 
     def leave(self, epoch: _Epoch, mail_id: str, *, stored: bool, job: int | None) -> None:
         """A member is done: stored or not, queued (``job``) or not."""
@@ -153,6 +157,18 @@ class _Receipts:
         if job is not None:
             epoch.jobs[mail_id] = job
         epoch.pending -= 1
+        if epoch.closing and epoch.pending == 0:
+            self._write(epoch)
+
+    def leave_all(
+        self, epoch: _Epoch, members: int, jobs: dict[str, int], *, leader_stored: bool | None
+    ) -> None:
+        """A group commit's ``members`` are done; ``jobs``, the queued ones'; ``leader_stored``
+        when the batch holds the epoch's leader (one call per batch, not one per mail)."""
+        if leader_stored is not None:
+            epoch.leader_stored = leader_stored
+        epoch.jobs.update(jobs)
+        epoch.pending -= members
         if epoch.closing and epoch.pending == 0:
             self._write(epoch)
 
@@ -422,7 +438,7 @@ class Producer(AsyncResource):
         Per entry: its id, or the error that concerns it alone.
         """
         docs = [e.doc for e in entries]
-        epoch = self._receipts.join_all(docs, _leader(entries))
+        epoch, lead = self._receipts.join_all(docs, lambda: _leader(entries))
         now = time.time()
         for doc in docs:
             doc["queued_ts"] = now
@@ -435,12 +451,13 @@ class Producer(AsyncResource):
                 raise _write_failed(exc) from None
             return await self._queue_stored(entries, stored, queued)
         finally:
-            # Every member leaves, stored or not (a failed insert_many stored none we know of).
-            outcomes: Sequence[tuple[str, bool] | StoreError | None] = stored or [None] * len(docs)
-            for doc, outcome in zip(docs, outcomes, strict=True):
-                mail_id = str(doc["_id"])
+            # Every member leaves, stored or not (a failed insert_many stored none we know of);
+            # the leader is stored only if its own insert was new (not a known key's mail).
+            fresh = None
+            if lead is not None:
+                outcome = stored[lead] if stored else None
                 fresh = isinstance(outcome, tuple) and outcome[1]
-                self._receipts.leave(epoch, mail_id, stored=fresh, job=queued.get(mail_id))
+            self._receipts.leave_all(epoch, len(docs), queued, leader_stored=fresh)
 
     async def _queue_stored(
         self, entries: list[_Entry], stored: list[tuple[str, bool] | StoreError], queued: dict[str, int]

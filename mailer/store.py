@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -994,11 +994,11 @@ class MailStore(AsyncResource):
                 return True
         return False
 
-    async def suppressed_among(self, addresses: Sequence[str]) -> set[str]:
+    async def suppressed_among(self, addresses: Collection[str]) -> set[str]:
         """Which of these (normalised) addresses are on the list: one ``_id $in`` query."""
         if not addresses:
             return set()
-        where = {"_id": {"$in": list(addresses)}}
+        where = {"_id": {"$in": sorted(addresses)}}
         return {str(d["_id"]) async for d in self.suppressions.find(where, {"_id": 1})}
 
     async def add_suppression(

@@ -719,6 +719,34 @@ async def test_an_epoch_receipt_waits_for_every_member_in_flight() -> None:
     assert written[0] == {str(a["_id"]): 7}
 
 
+async def test_a_batch_whose_leader_was_not_stored_records_each_job() -> None:
+    """A group commit's leader can turn out to be a known idempotency key's mail (not
+    stored): its document cannot carry the receipt, so each job is recorded on its own
+    mail, and the members that joined the epoch later are in it too."""
+    by_leader: list[dict[str, int]] = []
+    per_mail: list[dict[str, int]] = []
+
+    class Store:
+        async def record_jobs(self, leader: str, jobs: dict[str, int]) -> None:
+            by_leader.append(dict(jobs))
+
+        async def record_job_ids(self, jobs: dict[str, int]) -> None:
+            per_mail.append(dict(jobs))
+
+    receipts = _Receipts(Store(), delay=3600.0)
+    batch = [{"_id": ObjectId()} for _ in range(3)]
+    epoch, lead = receipts.join_all(batch, lambda: 2)
+    assert lead == 2  # this batch opened the epoch
+    later = [{"_id": ObjectId()}]
+    assert receipts.join_all(later, lambda: 0) == (epoch, None)  # joins: opens nothing
+    assert later[0]["batch"] == str(batch[2]["_id"])
+    queued = {str(d["_id"]): i for i, d in enumerate(batch[:2])}  # the leader's key was known
+    receipts.leave_all(epoch, 3, queued, leader_stored=False)
+    receipts.leave_all(epoch, 1, {str(later[0]["_id"]): 9}, leader_stored=None)
+    await receipts.close(within=5)
+    assert by_leader == [] and per_mail == [queued | {str(later[0]["_id"]): 9}]
+
+
 async def test_written_receipts_are_not_kept() -> None:
     """A process that sends alone for days opens an epoch every 50 ms: each written receipt
     must be let go, or the waiting set grows without bound."""
@@ -737,9 +765,10 @@ async def test_written_receipts_are_not_kept() -> None:
         receipts.leave(epoch, str(doc["_id"]), stored=True, job=i)
         await asyncio.sleep(0)
         batch = [{"_id": ObjectId()} for _ in range(3)]  # a group commit's epoch, too
-        epoch = receipts.join_all(batch, str(batch[1]["_id"]))
-        for doc in batch:
-            receipts.leave(epoch, str(doc["_id"]), stored=True, job=i)
+        epoch, lead = receipts.join_all(batch, lambda: 1)
+        receipts.leave_all(
+            epoch, 3, {str(d["_id"]): i for d in batch}, leader_stored=lead is not None or None
+        )
         await asyncio.sleep(0)
     await asyncio.sleep(0.05)
     assert receipts._unwritten == set()

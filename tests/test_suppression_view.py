@@ -73,6 +73,7 @@ class ListStore:
         self.generation = 1
         self.queries = 0
         self.loads = 0
+        self.reads = 0  # of the generation
         self.fail = False
         self.announced: list[float] = []
 
@@ -81,6 +82,7 @@ class ListStore:
         return {a for a in addresses if a in self.addresses}
 
     async def suppression_generation(self) -> int:
+        self.reads += 1
         if self.fail:
             from pymongo.errors import AutoReconnect
 
@@ -167,6 +169,29 @@ async def test_the_background_reads_keep_the_view_trusted() -> None:
     finally:
         await view.close()
     assert not view.trusted
+
+
+async def test_an_idle_view_stops_reading_until_a_send_asks() -> None:
+    """An idle process must not read the generation six times a second for nobody; the next
+    send queries once (exact, as an untrusted view always is) and the reads resume."""
+    listed = ListStore(["x@example.com"])
+    view = SuppressionView(listed, lease_s=0.15, idle_after_s=0.3)
+    view.start()
+    try:
+        await asyncio.sleep(0.5)
+        assert view.paused and not view.trusted
+        paused_at = listed.reads
+        await asyncio.sleep(0.3)
+        assert listed.reads == paused_at  # nothing read while nobody asked
+        listed.change(add="late@example.com")
+        assert await view.suppressed_among(["late@example.com"]) == {"late@example.com"}
+        assert listed.queries == 1  # asked MongoDB: the copy was no longer trusted
+        await asyncio.sleep(0.1)
+        assert view.trusted and not view.paused and listed.reads > paused_at
+        assert await view.suppressed_among(["late@example.com"]) == {"late@example.com"}
+        assert listed.queries == 1
+    finally:
+        await view.close()
 
 
 # --- end to end, on the local MongoDB ----------------------------------------------------------
