@@ -1,7 +1,9 @@
 """``python -m loadtest.bench`` (``make bench``): the fixed benchmark matrix.
 
-Each run measures every case once, raw baselines first, so a run's ratios compare figures
-taken minutes apart on the same servers; the table shows medians over the runs. Results go
+Each run measures every case once, raw baselines first and the cases set beside them right
+after (the producer's, the API's, then the drains), so a ratio compares figures taken a
+minute or two apart on the same servers rather than ten; the table shows medians over the
+runs. Results go
 to ``bench/results.json`` (with the machine and every run's raw values) and
 ``bench/results.md`` (the table, also printed).
 """
@@ -78,7 +80,6 @@ async def one_run(
         extra[key] = asdict(m)
         note(key, f"{m.rate:,.0f} mails/s; CPU us/mail: producer {m.cpu_us:,.0f}, {m.server_us()}")
     values.update(await apicases.run(base, sizes.send, sizes.send_many, note))
-    values |= await lonecases.run(base, 2 * sizes.send, note)  # issue 16: lone send, send_many vs raw
     drains = (
         ("drain", 1, 50, 0.0),
         ("drain_100", 1, 50, 100.0),
@@ -111,6 +112,7 @@ async def one_run(
         if key == "drain_200":
             values["rss_200"] = d.consumer_rss_kb / 1024
             note("rss_200", f"{values['rss_200']:.1f} MB")
+    values |= await lonecases.run(base, 2 * sizes.send, note)  # issue 16: lone send, send_many vs raw
     # Issue 13: 2 consumer processes draining over 1 beanstalkd server, then over 2.
     for f in await fleetcases.run(base, sizes.drain, 50):
         values[f"fleet_{f.servers}"] = f.rate

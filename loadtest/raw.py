@@ -10,6 +10,7 @@ documents shaped exactly like the producer's, so the server does the same work p
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,12 +57,23 @@ class Measure:
 
 
 async def timed(ops: int, work: Callable[[], Awaitable[object]]) -> Measure:
-    """Time ``work``; with this process's CPU and each local server's over the same section."""
+    """Time ``work``; with this process's CPU and each local server's over the same section.
+
+    The heap the earlier cases left (their mails, documents, results) is collected and
+    frozen first, as a service freezes its start-up heap: otherwise a full collection inside
+    the section walks every object of every case before it, and a row's CPU would depend on
+    how far into the run it is measured.
+    """
+    gc.collect()
+    gc.freeze()
     servers = server_pids()
     s0 = {name: cpu_seconds(pid) or 0.0 for name, pid in servers.items()}
-    c0, t0 = cpu_now(), time.perf_counter()
-    await work()
-    m = Measure(ops, time.perf_counter() - t0, cpu_now() - c0)
+    try:
+        c0, t0 = cpu_now(), time.perf_counter()
+        await work()
+        m = Measure(ops, time.perf_counter() - t0, cpu_now() - c0)
+    finally:
+        gc.unfreeze()
     m.server_cpu_s = {name: (cpu_seconds(pid) or 0.0) - s0[name] for name, pid in servers.items()}
     return m
 

@@ -61,8 +61,10 @@ def _approx_bytes(mail: Email) -> int:
     """The stored size, estimated in O(attachments): exact for attachments (the bulk of any
     big mail), characters for bodies (at most 4x under: UTF-8), a flat allowance for the
     rest. Measuring exactly (BSON-encoding every mail) would double the send path's CPU."""
-    bodies = len(mail.text or "") + len(mail.html or "")
-    return 2048 + bodies + sum(len(a.content) for a in mail.attachments)
+    size = 2048 + len(mail.text or "") + len(mail.html or "")
+    if mail.attachments:  # (no generator for the common mail without any)
+        size += sum(len(a.content) for a in mail.attachments)
+    return size
 
 
 def _leader(entries: Sequence[_Entry]) -> int:
