@@ -500,14 +500,25 @@ class Email(BaseModel):
         bytes (UTF-8 is at most 4 per character; quoting, RFC 2047, base64 and punycode at
         most quadruple that), attachments as ``size()`` counts them, and a flat allowance for
         the per-field overheads and the metadata header (its JSON is capped at one line)."""
+        # (Empty fields, most of any mail's, are skipped rather than summed: this runs for
+        # every mail sent.)
         chars = len(self.subject) + len(self.text or "") + len(self.html or "")
-        chars += len(self.idempotency_key or "") + sum(len(t) + 4 for t in self.tags)
-        for addr in (self.from_, *self.to, *self.cc, *self.bcc, *self.reply_to):
-            chars += len(addr.email) + len(addr.name or "") + 8
-        chars += sum(len(k) + len(v) + 2 for k, v in self.headers.items())
-        fields = 4 + len(self.to) + len(self.cc) + len(self.bcc) + len(self.reply_to) + len(self.headers)
+        chars += len(self.idempotency_key or "") + len(self.from_.email) + len(self.from_.name or "") + 8
+        fields = 4 + len(self.headers)
+        for addresses in (self.to, self.cc, self.bcc, self.reply_to):
+            if addresses:
+                fields += len(addresses)
+                for addr in addresses:
+                    chars += len(addr.email) + len(addr.name or "") + 8
+        if self.tags:
+            chars += sum(len(t) + 4 for t in self.tags)
+        if self.headers:
+            chars += sum(len(k) + len(v) + 2 for k, v in self.headers.items())
         allowance = _MESSAGE_OVERHEAD + 2 * _PART_OVERHEAD + 16 * (fields + 2) + 2 * MAX_METADATA_JSON
-        return 16 * chars + allowance + sum(map(_attachment_cost, self.attachments))
+        bound = 16 * chars + allowance
+        if self.attachments:
+            bound += sum(map(_attachment_cost, self.attachments))
+        return bound
 
     def _sizes(self) -> dict[str, int]:
         """Each field's share of the wire size, as upper bounds of its MIME encoding."""
