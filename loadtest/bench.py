@@ -3,9 +3,8 @@
 Each run measures every case once, raw baselines first and the cases set beside them right
 after (the producer's, the API's, then the drains), so a ratio compares figures taken a
 minute or two apart on the same servers rather than ten; the table shows medians over the
-runs. Results go
-to ``bench/results.json`` (with the machine and every run's raw values) and
-``bench/results.md`` (the table, also printed).
+runs. Results go to ``bench/results.json`` (with the machine and every run's raw values)
+and ``bench/results.md`` (the table, also printed).
 """
 
 from __future__ import annotations

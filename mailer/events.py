@@ -202,8 +202,6 @@ class SuppressionCheck:
                 f"could not check the suppression list ({type(exc).__name__}); nothing was stored: "
                 "check that MongoDB is reachable and send again"
             ) from None
-        if not any(found):
-            return [None] * len(docs)
         out: list[RecipientSuppressed | None] = []
         for doc, suppressed in zip(docs, found, strict=True):
             if suppressed and self.mode == "refuse":

@@ -154,13 +154,8 @@ class _Receipts:
 
     def leave(self, epoch: _Epoch, mail_id: str, *, stored: bool, job: int | None) -> None:
         """A member is done: stored or not, queued (``job``) or not."""
-        if mail_id == epoch.leader:
-            epoch.leader_stored = stored
-        if job is not None:
-            epoch.jobs[mail_id] = job
-        epoch.pending -= 1
-        if epoch.closing and epoch.pending == 0:
-            self._write(epoch)
+        jobs = {} if job is None else {mail_id: job}
+        self.leave_all(epoch, 1, jobs, leader_stored=stored if mail_id == epoch.leader else None)
 
     def leave_all(
         self, epoch: _Epoch, members: int, jobs: dict[str, int], *, leader_stored: bool | None
