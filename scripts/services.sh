@@ -58,11 +58,15 @@ start_mongo() {
          "(no live pid in $MONGO_PID). Stop it or set MAILER_MONGO_PORT." >&2
     return 1
   fi
+  if [ ! -x "$VENV/bin/nx-27017" ]; then
+    echo "services: $VENV/bin/nx-27017 is not installed; run 'make services' (it creates the venv first)" >&2
+    return 1
+  fi
   mkdir -p "$DATA/mongo"
   nohup "$VENV/bin/nx-27017" --data-dir "$DATA/mongo" --host 127.0.0.1 -p "$MONGO_PORT" \
     --log-file "$DATA/mongo.log" --pid-file "$DATA/mongo.inner.pid" >"$DATA/mongo.out" 2>&1 &
   echo $! >"$MONGO_PID"
-  wait_port "$MONGO_PORT" "$MONGO_PID" mongo
+  wait_port "$MONGO_PORT" "$MONGO_PID" mongo || { tail -5 "$DATA/mongo.out" >&2; return 1; }
   echo "services: nx-27017 on 127.0.0.1:$MONGO_PORT (data $DATA/mongo)"
 }
 
