@@ -14,13 +14,13 @@ MONGO_PID=$DATA/mongo.pid
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_port() { # port pidfile name
+wait_port() { # port pidfile name output-file
   for _ in $(seq 1 100); do
     port_busy "$1" && return 0
-    alive "$2" || { echo "services: $3 exited at start; see $DATA/$3.log" >&2; return 1; }
+    alive "$2" || { echo "services: $3 exited at start; its output ($4):" >&2; tail -5 "$4" >&2; return 1; }
     sleep 0.1
   done
-  echo "services: $3 did not open 127.0.0.1:$1 within 10 s; see $DATA/$3.log" >&2
+  echo "services: $3 did not open 127.0.0.1:$1 within 10 s; see $4" >&2
   return 1
 }
 
@@ -47,7 +47,7 @@ start_beanstalkd() {
   nohup beanstalkd -l 127.0.0.1 -p "$BS_PORT" -b "$DATA/beanstalkd" -z 65536 \
     >"$DATA/beanstalkd.log" 2>&1 &
   echo $! >"$BS_PID"
-  wait_port "$BS_PORT" "$BS_PID" beanstalkd
+  wait_port "$BS_PORT" "$BS_PID" beanstalkd "$DATA/beanstalkd.log"
   echo "services: beanstalkd on 127.0.0.1:$BS_PORT (binlog $DATA/beanstalkd)"
 }
 
@@ -66,7 +66,7 @@ start_mongo() {
   nohup "$VENV/bin/nx-27017" --data-dir "$DATA/mongo" --host 127.0.0.1 -p "$MONGO_PORT" \
     --log-file "$DATA/mongo.log" --pid-file "$DATA/mongo.inner.pid" >"$DATA/mongo.out" 2>&1 &
   echo $! >"$MONGO_PID"
-  wait_port "$MONGO_PORT" "$MONGO_PID" mongo || { tail -5 "$DATA/mongo.out" >&2; return 1; }
+  wait_port "$MONGO_PORT" "$MONGO_PID" nx-27017 "$DATA/mongo.out"
   echo "services: nx-27017 on 127.0.0.1:$MONGO_PORT (data $DATA/mongo)"
 }
 
