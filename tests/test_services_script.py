@@ -59,21 +59,20 @@ def services(env: dict[str, str], command: str) -> subprocess.CompletedProcess[s
     return subprocess.run([SCRIPT, command], env=env, capture_output=True, text=True, timeout=30)
 
 
-def test_a_server_that_exits_at_start_shows_its_own_output(tmp_path: Path, env: dict[str, str]) -> None:
-    fake(tmp_path / "bin" / "beanstalkd", exits_saying("beanstalkd: cannot open binlog"))
+@pytest.mark.parametrize(
+    ("server", "binary", "listening"),
+    [("beanstalkd", "bin/beanstalkd", ()), ("nx-27017", "venv/bin/nx-27017", ("bin/beanstalkd",))],
+)
+def test_a_server_that_exits_at_start_shows_its_own_output(
+    tmp_path: Path, env: dict[str, str], server: str, binary: str, listening: tuple[str, ...]
+) -> None:
+    for other in listening:  # the servers started before this one
+        fake(tmp_path / other, LISTENS)
+    fake(tmp_path / binary, exits_saying(f"{server}: data folder is locked"))
     done = services(env, "start")
     assert done.returncode != 0
-    assert "beanstalkd exited at start" in done.stderr
-    assert "beanstalkd: cannot open binlog" in done.stderr
-
-
-def test_nx_27017_that_exits_at_start_shows_its_own_output(tmp_path: Path, env: dict[str, str]) -> None:
-    fake(tmp_path / "bin" / "beanstalkd", LISTENS)
-    fake(tmp_path / "venv" / "bin" / "nx-27017", exits_saying("nx-27017: data dir is locked"))
-    done = services(env, "start")
-    assert done.returncode != 0
-    assert "nx-27017 exited at start" in done.stderr
-    assert "nx-27017: data dir is locked" in done.stderr
+    assert f"{server} exited at start" in done.stderr
+    assert f"{server}: data folder is locked" in done.stderr
 
 
 def test_a_missing_venv_names_the_command_that_creates_it(tmp_path: Path, env: dict[str, str]) -> None:
