@@ -149,7 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second (250)")
     p.add_argument("--out", type=Path, default=OUT, help=f"where <case>.raw goes ({OUT})")
-    p.add_argument("--uvloop", action="store_true", help="drain: run the consumer with --uvloop")
+    p.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="drain: the consumer's event loop (default auto, the consumer's own default)",
+    )
     a = p.parse_args(argv)
     base = settings_or_exit(PROG).for_test()
     py_spy()
@@ -157,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     raw = a.out / f"{a.case}.raw"
     spy = Spy(raw, a.rate)
-    line = asyncio.run(profile(base, a.case, mails, spy, ["--uvloop"] if a.uvloop else []))
+    line = asyncio.run(profile(base, a.case, mails, spy, ["--loop", a.loop]))
     print(line)
     for name, share in breakdown(raw):
         print(f"{share:5.1f}%  {name}")

@@ -11,6 +11,7 @@ interrupted. Every error is one line on stderr that says what to do; tracebacks 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import re
 import sys
@@ -130,6 +131,31 @@ def add_logging(parser: argparse.ArgumentParser, *, third_party: str) -> None:
         help=f"let client libraries log at DEBUG too: {third_party}",
     )
     add_log_format(parser)
+
+
+def add_loop(parser: argparse.ArgumentParser) -> None:
+    """``--loop auto|asyncio|uvloop``, the same on every long-running process."""
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: auto (uvloop when installed, as uvicorn does: pip install 'mailer[fast]'), "
+        "asyncio or uvloop (default: auto)",
+    )
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to run on; None is asyncio's own. ``uvloop`` asked for by name and
+    missing is a usage error, not a silent fallback; ``auto`` falls back quietly."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise UsageError("--loop uvloop: uvloop is not installed (pip install 'mailer[fast]')") from None
+        return None
+    return uvloop.new_event_loop
 
 
 def add_log_format(parser: argparse.ArgumentParser) -> None:

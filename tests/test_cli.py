@@ -21,7 +21,9 @@ from bson import ObjectId
 from conftest import drain_tube
 from helpers import consumer_env, produce, running_consumer, wait_until
 
-from mailer import cli
+from mailer import cli, logs
+from mailer import consumer as consumer_module
+from mailer.cmdline import UsageError, loop_factory
 from mailer.config import Settings
 from mailer.consumer import _parser as consumer_parser
 from mailer.consumer import main as consumer_main
@@ -368,6 +370,55 @@ def test_every_process_takes_log_format() -> None:
     assert (consumer_args.log_format, consumer_args.metrics_port) == ("json", 9108)
     assert api_parser().parse_args(["--log-format", "json"]).log_format == "json"
     assert cli.build_parser().parse_args(["check", "--log-format", "json"]).log_format == "json"
+
+
+def test_the_event_loop_choice() -> None:
+    assert loop_factory("asyncio") is None
+    uvloop = pytest.importorskip("uvloop")
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+
+
+def test_uvloop_asked_for_and_missing_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert loop_factory("auto") is None
+    with pytest.raises(UsageError, match="uvloop is not installed"):
+        loop_factory("uvloop")
+
+
+@pytest.mark.parametrize(
+    ("argv", "loop_module"),
+    [
+        ([], "uvloop"),
+        (["--loop", "auto"], "uvloop"),
+        (["--uvloop"], "uvloop"),
+        (["--loop", "asyncio"], "asyncio"),
+    ],
+)
+def test_the_consumer_runs_on_the_loop_asked_for(
+    cli_env: Settings, monkeypatch: pytest.MonkeyPatch, argv: list[str], loop_module: str
+) -> None:
+    """uvloop by default when installed, as mailer-api does; ``--loop asyncio`` opts out."""
+    pytest.importorskip("uvloop")
+    seen: list[str] = []
+
+    async def serve(settings: Settings, concurrency: int | None) -> int:
+        seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+        return 0
+
+    monkeypatch.setattr(consumer_module, "_serve", serve)
+    monkeypatch.setattr(logs, "setup_logging", lambda *a, **k: None)  # this process's logging stays
+    assert consumer_main(["--test", *argv]) == 0
+    assert seen == [loop_module]
+
+
+def test_the_consumer_refuses_uvloop_by_name_when_it_is_missing(
+    cli_env: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    monkeypatch.setattr(logs, "setup_logging", lambda *a, **k: None)
+    assert consumer_main(["--test", "--loop", "uvloop"]) == 2
+    assert "uvloop is not installed" in one_line(capsys.readouterr().err)
 
 
 def test_the_startup_heap_is_frozen_out_of_full_collections() -> None:

@@ -1,5 +1,5 @@
 """What the API process does per request besides the work itself: no thread hand-off for a
-dependency, no telemetry lookups, and the event loop it serves on."""
+dependency, no telemetry lookups (the event loop it serves on: ``tests/test_cli.py``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import anyio.to_thread
 import httpx
 import pytest
 from helpers import mail
-
-from mailer.cmdline import UsageError
-from mailer.service import server
 
 
 async def test_sending_hands_nothing_to_a_worker_thread_and_asks_no_telemetry_provider(
@@ -40,19 +37,3 @@ async def test_sending_hands_nothing_to_a_worker_thread_and_asks_no_telemetry_pr
         assert r.status_code == 202, r.text
         assert (await client.get(f"/v1/emails/{r.json()['id']}")).status_code == 200
     assert calls == []
-
-
-def test_the_event_loop_choice() -> None:
-    assert server.loop_factory("asyncio") is None
-    uvloop = pytest.importorskip("uvloop")
-    assert server.loop_factory("auto") is uvloop.new_event_loop
-    assert server.loop_factory("uvloop") is uvloop.new_event_loop
-
-
-def test_uvloop_asked_for_and_missing_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
-    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
-    assert server.loop_factory("auto") is None
-    with pytest.raises(UsageError, match="uvloop is not installed"):
-        server.loop_factory("uvloop")
