@@ -26,6 +26,7 @@ from pathlib import Path
 from loadtest import cases
 from loadtest.common import sample_mail, settings_or_exit
 from loadtest.producer import SEND_CONCURRENCY, Mode, produce
+from mailer.cmdline import add_loop
 from mailer.config import Settings
 from mailer.producer import Producer
 
@@ -149,12 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second (250)")
     p.add_argument("--out", type=Path, default=OUT, help=f"where <case>.raw goes ({OUT})")
-    p.add_argument(
-        "--loop",
-        choices=("auto", "asyncio", "uvloop"),
-        default="auto",
-        help="drain: the consumer's event loop (default auto, the consumer's own default)",
-    )
+    add_loop(p)  # drain: passed on to the consumer
     a = p.parse_args(argv)
     base = settings_or_exit(PROG).for_test()
     py_spy()
