@@ -55,7 +55,7 @@ environment:
   MAILER_*       any configuration key, nested with __ (MAILER_BEANSTALKD__PORT=11301); beats the file
 """
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -86,7 +86,7 @@ class CommandParser(argparse.ArgumentParser):
 
 def parse_duration(text: str) -> float:
     """``90``, ``30s``, ``10m``, ``2h``, ``1d`` -> seconds; the one parser of every duration."""
-    m = _DURATION.match(text.strip())
+    m = _DURATION.fullmatch(text.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use e.g. 90, 30s, 10m, 2h")
     return float(m.group(1)) * _UNITS[m.group(2)]

@@ -29,6 +29,7 @@ from pydantic import (
     ModelWrapValidatorHandler,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -53,9 +54,9 @@ METADATA_HEADER = "X-Mailer-Metadata"
 # One header line is at most 998 characters (RFC 5322 2.1.1); the metadata header is
 # not folded (its JSON has no whitespace to fold at), so it must fit on one.
 MAX_METADATA_JSON = 998 - len(METADATA_HEADER) - 2
-_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
-_TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
+_TAG = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_META_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 # Headers our own fields (or the MIME machinery) own; setting them by hand would either
 # conflict with the field or let a caller smuggle recipients past validation.
 RESERVED_HEADERS = frozenset(
@@ -360,7 +361,7 @@ class Attachment(BaseModel):
 
 
 def _check_meta_key(key: str) -> str:
-    if not _META_KEY.match(key):
+    if not _META_KEY.fullmatch(key):
         raise ValueError(f"metadata key {key[:40]!r}: use 1-64 letters, digits, '_' or '-'")
     return key
 
@@ -377,6 +378,42 @@ def _check_meta_value(value: Any) -> Any:
         if len(value) > 1000:
             raise ValueError("a metadata value must be at most 1000 characters")
         _header_safe(value, "a metadata value")
+    return value
+
+
+def _plain_metadata(value: Any) -> bool:
+    """True when ``value`` is metadata that every check above passes as it is: a dict of at
+    most 50 plain keys whose values are short header-safe strings, booleans, None, 64-bit
+    integers or finite floats (exact types: a subclass goes through pydantic's pass)."""
+    if type(value) is not dict or len(value) > 50:
+        return False
+    for key, item in value.items():
+        if type(key) is not str or not _META_KEY.fullmatch(key):
+            return False
+        kind = type(item)
+        if kind is str:
+            if len(item) > 1000 or _HEADER_UNSAFE.search(item):
+                return False
+        elif kind is int:
+            if not -(2**63) <= item < 2**63:
+                return False
+        elif kind is float:
+            if not math.isfinite(item):
+                return False
+        elif item is not None and kind is not bool:
+            return False
+    return True
+
+
+def _metadata_fits(value: dict[str, Any]) -> dict[str, Any]:
+    """``value``, if its JSON fits the one header line it travels as."""
+    if not value or _metadata_json_bound(value) <= MAX_METADATA_JSON:
+        return value  # surely short enough: no need to build the JSON
+    if len(text := metadata_json(value)) > MAX_METADATA_JSON:
+        raise ValueError(
+            f"metadata is {len(text)} characters as JSON; it travels as one {METADATA_HEADER} "
+            f"header line, so keep it to {MAX_METADATA_JSON} (fewer or shorter values)"
+        )
     return value
 
 
@@ -418,7 +455,7 @@ class Email(BaseModel):
         if len(value) > 50:
             raise ValueError("at most 50 custom headers")
         for name, val in value.items():
-            if not _HEADER_NAME.match(name):
+            if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"header name {name[:40]!r} is not a valid field name")
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by mailer; use the matching field instead")
@@ -436,21 +473,18 @@ class Email(BaseModel):
     @classmethod
     def _check_tags(cls, value: list[str]) -> list[str]:
         for tag in value:
-            if not _TAG.match(tag):
+            if not _TAG.fullmatch(tag):
                 raise ValueError(f"tag {tag[:40]!r}: use 1-64 ASCII letters, digits, '_' or '-'")
         return value
 
-    @field_validator("metadata")
+    @field_validator("metadata", mode="wrap")
     @classmethod
-    def _check_metadata(cls, value: dict[str, MetaValue]) -> dict[str, MetaValue]:
-        if not value or _metadata_json_bound(value) <= MAX_METADATA_JSON:
-            return value  # surely short enough: no need to build the JSON
-        if len(text := metadata_json(value)) > MAX_METADATA_JSON:
-            raise ValueError(
-                f"metadata is {len(text)} characters as JSON; it travels as one {METADATA_HEADER} "
-                f"header line, so keep it to {MAX_METADATA_JSON} (fewer or shorter values)"
-            )
-        return value
+    def _check_metadata(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> dict[str, MetaValue]:
+        # The common case, plain keys and values, is checked in one loop here; pydantic's
+        # pass (one validator call per key and per value) runs for the rest and names the
+        # wrong entry.
+        checked: dict[str, MetaValue] = dict(value) if _plain_metadata(value) else handler(value)
+        return _metadata_fits(checked)
 
     @field_validator("idempotency_key")
     @classmethod

@@ -354,6 +354,15 @@ INVALID: list[tuple[str, Any, str, str]] = [
         "CR or LF",
     ),
     ("metadata-value-nul", mail(metadata={"k": "a\x00b"}), "metadata.k", "NUL"),
+    # a pattern's "$" also matches before a final newline: every name check matches whole
+    ("header-name-newline", mail(headers={"X-A\n": "v"}), "headers", "valid field name"),
+    ("header-name-newline-bcc", mail(headers={"X-A\nBcc": "v"}), "headers", "valid field name"),
+    ("tag-newline", mail(tags=["vip\n"]), "tags", "letters"),
+    ("metadata-key-newline", mail(metadata={"k\n": 1}), "metadata", "letters"),
+    ("metadata-value-list", mail(metadata={"k": [1]}), "metadata.k", "string, number"),
+    ("metadata-value-big-int", mail(metadata={"k": 2**63}), "metadata.k", "64 bits"),
+    ("metadata-value-long", mail(metadata={"k": "x" * 1001}), "metadata.k", "1000"),
+    ("metadata-51-keys", mail(metadata={f"k{i}": i for i in range(51)}), "metadata", "50"),
     (
         "content-type-100k",
         mail(attachments=[{"filename": "a", "content": b"", "content_type": "a/" + "b" * 100_000}]),
@@ -460,6 +469,40 @@ def test_an_empty_key_is_named() -> None:
         with pytest.raises(EmailValidationError) as info:
             parse_email(mail(**changes))
         assert info.value.errors[0][0] == field, info.value.errors
+
+
+def test_plain_metadata_is_kept_exactly_and_copied() -> None:
+    """The one-loop check of plain metadata keeps every value and its type (True is not 1,
+    1.0 is not 1) and stores a copy, so a caller's later change does not reach the mail."""
+    given: dict[str, Any] = {
+        "s": "x",
+        "t": True,
+        "f": False,
+        "n": None,
+        "i": -(2**63),
+        "j": 2**63 - 1,
+        "r": 1.0,
+        "k_-9": "",
+    }
+    for data in (mail(metadata=given), json.dumps(mail(metadata=given))):
+        got = parse_email(data).metadata
+        assert got == given
+        assert [type(v) for v in got.values()] == [type(v) for v in given.values()]
+    email = parse_email(mail(metadata=given))
+    given["s"] = "changed"
+    assert email.metadata["s"] == "x"
+
+
+class _Key(str):
+    pass
+
+
+def test_metadata_of_unusual_types_gets_the_full_check() -> None:
+    """A str subclass as key, or a bool subclass... anything not plainly typed goes through
+    pydantic's pass: a valid one is accepted as plain text, a wrong one is named."""
+    assert parse_email(mail(metadata={_Key("k"): "v"})).metadata == {"k": "v"}
+    with pytest.raises(EmailValidationError, match=r"metadata\.k: a metadata value must be a string"):
+        parse_email(mail(metadata={"k": {"nested": 1}}))
 
 
 def test_metadata_must_fit_one_header_line() -> None:

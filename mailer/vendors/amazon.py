@@ -88,9 +88,9 @@ __all__ = ["METADATA_HEADER", "AmazonVendor"]
 # SES limits (service model and SES quotas).
 _MAX_SIMPLE_HEADERS = 15
 _MAX_SIMPLE_HEADER_VALUE = 870
-_SIMPLE_HEADER_VALUE = re.compile(r"^[ -~]+$")
-_SIMPLE_HEADER_NAME = re.compile(r"^[!-9;-@A-~]{1,126}$")
-_TAG_TEXT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+_SIMPLE_HEADER_VALUE = re.compile(r"[ -~]+")
+_SIMPLE_HEADER_NAME = re.compile(r"[!-9;-@A-~]{1,126}")
+_TAG_TEXT = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _MAX_TAGS = 50
 _MAX_ATTACHMENT_CONTENT_TYPE = 78
 
@@ -166,7 +166,7 @@ def _ses_address(addr: Address) -> str:
 def _tag_value(value: Any) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (str, int)) and _TAG_TEXT.match(str(value)):
+    if isinstance(value, (str, int)) and _TAG_TEXT.fullmatch(str(value)):
         return str(value)
     return None
 
@@ -294,7 +294,7 @@ class AmazonVendor(AsyncResource):
         leftover: dict[str, Any] = {}
         for key, value in email.metadata.items():
             text = _tag_value(value)
-            if text is None or key in names or len(tags) >= _MAX_TAGS or not _TAG_TEXT.match(key):
+            if text is None or key in names or len(tags) >= _MAX_TAGS or not _TAG_TEXT.fullmatch(key):
                 leftover[key] = value
             else:
                 tags.append({"Name": key, "Value": text})
@@ -305,9 +305,9 @@ class AmazonVendor(AsyncResource):
         if len(headers) > _MAX_SIMPLE_HEADERS:
             return False
         for name, value in headers.items():
-            if not _SIMPLE_HEADER_NAME.match(name) or len(value) > _MAX_SIMPLE_HEADER_VALUE:
+            if not _SIMPLE_HEADER_NAME.fullmatch(name) or len(value) > _MAX_SIMPLE_HEADER_VALUE:
                 return False
-            if not _SIMPLE_HEADER_VALUE.match(value):
+            if not _SIMPLE_HEADER_VALUE.fullmatch(value):
                 return False
         if email.attachments and not self._simple_attachments:
             return False
