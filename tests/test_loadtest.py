@@ -79,6 +79,24 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([7.0], 95) == 7.0
 
 
+def test_raw_baselines_do_not_depend_on_the_code_under_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The raw MongoDB baselines keep one frozen document shape: built by the producer's own
+    code, they would move with it and hide (or invent) a change in every ratio."""
+    from loadtest import raw
+    from mailer.store import MailStore
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("a baseline document came from MailStore.new_document")
+
+    monkeypatch.setattr(MailStore, "new_document", staticmethod(refuse))
+    docs = raw.baseline_docs(3)
+    assert [list(d) for d in docs] == [
+        ["_id", "status", "mail", "priority", "created_at", "next_attempt_ts", "batch", "queued_ts"]
+    ] * 3
+    assert len({d["_id"] for d in docs}) == 3
+    assert [d["mail"]["to"] for d in docs] == ["user0@example.com", "user1@example.com", "user2@example.com"]
+
+
 def test_procstat_reads_this_process() -> None:
     assert (cpu_seconds(os.getpid()) or 0.0) > 0.0
     mem = memory_kb(os.getpid())
