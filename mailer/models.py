@@ -54,6 +54,7 @@ METADATA_HEADER = "X-Mailer-Metadata"
 # One header line is at most 998 characters (RFC 5322 2.1.1); the metadata header is
 # not folded (its JSON has no whitespace to fold at), so it must fit on one.
 MAX_METADATA_JSON = 998 - len(METADATA_HEADER) - 2
+MAX_METADATA_KEYS = 50
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
 _TAG = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _META_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
@@ -366,41 +367,37 @@ def _check_meta_key(key: str) -> str:
     return key
 
 
-def _check_meta_value(value: Any) -> Any:
-    """One flat JSON value that MongoDB stores and every vendor's JSON carries as is."""
+def _meta_value_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a metadata value (header safety aside), or None: one flat JSON
+    value that MongoDB stores and every vendor's JSON carries as is."""
     if not (value is None or isinstance(value, (str, int, float, bool))):
-        raise ValueError("a metadata value must be a string, number, boolean or null")
+        return "a metadata value must be a string, number, boolean or null"
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"a metadata value must be a finite number, not {value!r}")
+        return f"a metadata value must be a finite number, not {value!r}"
     if isinstance(value, int) and not -(2**63) <= value < 2**63:  # MongoDB's widest integer
-        raise ValueError("a metadata value must fit in 64 bits")
+        return "a metadata value must fit in 64 bits"
+    if isinstance(value, str) and len(value) > 1000:
+        return "a metadata value must be at most 1000 characters"
+    return None
+
+
+def _check_meta_value(value: Any) -> Any:
+    if (problem := _meta_value_problem(value)) is not None:
+        raise ValueError(problem)
     if isinstance(value, str):
-        if len(value) > 1000:
-            raise ValueError("a metadata value must be at most 1000 characters")
         _header_safe(value, "a metadata value")
     return value
 
 
 def _plain_metadata(value: Any) -> bool:
-    """True when ``value`` is metadata that every check above passes as it is: a dict of at
-    most 50 plain keys whose values are short header-safe strings, booleans, None, 64-bit
-    integers or finite floats (exact types: a subclass goes through pydantic's pass)."""
-    if type(value) is not dict or len(value) > 50:
+    """True when ``value`` is metadata that every check above passes as it is (a dict, keys
+    exactly ``str``: pydantic's pass would turn a subclass into one)."""
+    if type(value) is not dict or len(value) > MAX_METADATA_KEYS:
         return False
     for key, item in value.items():
-        if type(key) is not str or not _META_KEY.fullmatch(key):
+        if type(key) is not str or not _META_KEY.fullmatch(key) or _meta_value_problem(item) is not None:
             return False
-        kind = type(item)
-        if kind is str:
-            if len(item) > 1000 or _HEADER_UNSAFE.search(item):
-                return False
-        elif kind is int:
-            if not -(2**63) <= item < 2**63:
-                return False
-        elif kind is float:
-            if not math.isfinite(item):
-                return False
-        elif item is not None and kind is not bool:
+        if isinstance(item, str) and _HEADER_UNSAFE.search(item):
             return False
     return True
 
@@ -437,7 +434,7 @@ class Email(BaseModel):
     html: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list, max_length=10)
-    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=50)
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
     priority: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)
     send_at: dt.datetime | None = None

@@ -498,8 +498,8 @@ class _Key(str):
 
 
 def test_metadata_of_unusual_types_gets_the_full_check() -> None:
-    """A str subclass as key, or a bool subclass... anything not plainly typed goes through
-    pydantic's pass: a valid one is accepted as plain text, a wrong one is named."""
+    """A str subclass as key, or a value metadata cannot hold, goes through pydantic's pass:
+    the key is accepted as plain text, the value's entry is named."""
     assert parse_email(mail(metadata={_Key("k"): "v"})).metadata == {"k": "v"}
     with pytest.raises(EmailValidationError, match=r"metadata\.k: a metadata value must be a string"):
         parse_email(mail(metadata={"k": {"nested": 1}}))

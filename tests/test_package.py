@@ -162,3 +162,23 @@ def test_the_sample_configuration_is_valid_and_named_for_us() -> None:
     settings = load_settings(ROOT / SAMPLE_CONFIG_FILE)
     assert settings.env == "development"
     assert "mailer.toml" in (ROOT / SAMPLE_CONFIG_FILE).read_text()
+
+
+def test_no_pattern_of_the_package_anchors_with_a_dollar() -> None:
+    """Python's ``$`` also matches just before a final newline, so ``re.match(r"^...$")``
+    let a header name, tag or metadata key ending in ``\\n`` through. Every module-level
+    pattern of the package is used with ``fullmatch`` instead and carries no ``$`` anchor."""
+    import importlib
+    import pkgutil
+    import re
+
+    anchored = []
+    for info in pkgutil.walk_packages(mailer.__path__, "mailer."):
+        if info.name.endswith(".__main__"):
+            continue  # runs a command when imported
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            text = value.pattern if isinstance(value, re.Pattern) else None
+            if isinstance(text, str) and text.endswith("$") and not text.endswith("\\$"):
+                anchored.append(f"{info.name}.{name}: {text!r}")
+    assert not anchored, anchored
