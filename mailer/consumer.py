@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,15 +55,29 @@ class Prefetched:
     owned: OwnedJob
     prepared: Decision | Ready | None = None
     sending: asyncio.Future[Decision] | None = None
+    # Its loop went on without it (parked for a send-rate token, or left to finish alone
+    # after an error): its run of sends ends with it.
+    on_its_own: bool = False
 
 
 class Prefetch:
-    """A reserve loop's one slot for the next job, reserved and claimed ahead."""
+    """A reserve loop's one slot for the next job, reserved and claimed ahead, and the run
+    of its sends.
 
-    __slots__ = ("item",)
+    A loop's sends run back to back in one task: when a send returns with its record under
+    way, the task goes straight on to the slot's mail. A task per send would first wake the
+    loop and then start a new task, two turns of the event loop before the next mail goes
+    to its vendor (1-2 ms each with 50 loops busy, 2-4% of a 100 ms send). Each send's
+    decision is its own :class:`Outcome`, and cancelling it cancels that send.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_delivery", "_go_on", "_runs", "item")
+
+    def __init__(self, delivery: Delivery, go_on: Callable[[], bool]) -> None:
         self.item: Prefetched | None = None
+        self._delivery = delivery
+        self._go_on = go_on  # false once the consumer stops: no new send begins
+        self._runs: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     @property
     def sending(self) -> asyncio.Future[Decision] | None:
@@ -77,11 +91,69 @@ class Prefetch:
         item, self.item = self.item, None
         return item
 
-    def start(self, delivery: Delivery) -> None:
-        """Begin the prefetched mail's send now, if it is claimed and ready."""
+    def start(self) -> None:
+        """Begin the prefetched mail's send now, if it is claimed, ready and not begun."""
         item = self.item
         if item is not None and item.sending is None and isinstance(item.prepared, Ready):
-            item.sending = asyncio.ensure_future(delivery.deliver(item.prepared))
+            self.send(item)
+
+    def send(self, item: Prefetched) -> asyncio.Future[Decision]:
+        """Begin ``item``'s send; the sends that follow it from the slot run in the same task."""
+        assert item.sending is None and isinstance(item.prepared, Ready)
+        outcome = item.sending = Outcome()
+        run = outcome.run = asyncio.get_running_loop().create_task(self._sends(item))
+        self._runs.add(run)
+        run.add_done_callback(self._runs.discard)
+        return outcome
+
+    async def _sends(self, item: Prefetched) -> None:
+        while True:
+            outcome, ready = item.sending, item.prepared
+            assert isinstance(outcome, Outcome) and isinstance(ready, Ready)
+            try:
+                decision = await self._delivery.deliver(ready)
+            except asyncio.CancelledError:
+                outcome.run = None  # (this run is ending already)
+                outcome.cancel()
+                raise
+            except Exception as exc:
+                if not outcome.done():
+                    outcome.set_exception(exc)
+                return
+            if outcome.done():  # given up as the send ended: its record stands, nothing follows
+                return
+            outcome.set_result(decision)
+            outcome.run = None
+            nxt = self.item
+            if (
+                decision.recording is None
+                or item.on_its_own
+                or not self._go_on()
+                or nxt is None
+                or nxt.sending is not None
+                or not isinstance(nxt.prepared, Ready)
+            ):
+                return
+            nxt.sending = Outcome(asyncio.current_task())
+            item = nxt
+
+
+class Outcome(asyncio.Future[Decision]):
+    """A send's decision. Whoever gives up on it (a loop cancelled at shutdown, a parked
+    mail's task) cancels the send at once, as cancelling a task of the send's own would: a
+    done callback would reach the send a turn later, after a stopping consumer may have
+    handed its job back."""
+
+    def __init__(self, run: asyncio.Task[Any] | None = None) -> None:
+        super().__init__()
+        self.run = run  # the run of sends, while this is its current send
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self.run is not None:
+            self.run.cancel(msg)
+        return True
 
 
 class Consumer(AsyncResource):
@@ -490,7 +562,7 @@ class Consumer(AsyncResource):
         server = index % len(self._servers)  # the loops are spread round robin over the servers
         queue = self._new_queue(server)
         self._queues.append(queue)
-        ahead = Prefetch()
+        ahead = Prefetch(self.delivery, lambda: not self.stopping)
         while not self.stopping or ahead.sending is not None:
             current = ahead.take()
             if current is None:
@@ -504,7 +576,7 @@ class Consumer(AsyncResource):
                 if decision is None:  # waits for a send-rate token: its own task finishes it
                     continue
                 if decision.recording is not None and not self.stopping:
-                    ahead.start(self.delivery)  # the next send overlaps this record
+                    ahead.start()  # the next send overlaps this record (if its run did not begin it)
                 await current.owned.finish(decision)
                 self.processed += 1
                 self.meter.add()
@@ -541,7 +613,7 @@ class Consumer(AsyncResource):
             if current.prepared is None:
                 current.prepared = await current.owned.prepare()
             if isinstance(current.prepared, Ready):
-                current.sending = asyncio.ensure_future(self.delivery.deliver(current.prepared))
+                ahead.send(current)
         if current.sending is None:
             assert isinstance(current.prepared, Decision)
             return current.prepared
@@ -568,6 +640,7 @@ class Consumer(AsyncResource):
         return await current.sending
 
     def _park(self, item: Prefetched) -> None:
+        item.on_its_own = True
         task = asyncio.get_running_loop().create_task(self._finish_parked(item))
         self._parked[task] = item
         task.add_done_callback(self._unpark)
@@ -609,6 +682,7 @@ class Consumer(AsyncResource):
             return
         self._release_ownership(item.owned)
         if item.sending is not None:
+            item.on_its_own = True
             self._detached.add(item.sending)
             item.sending.add_done_callback(self._detached.discard)
             item.sending.add_done_callback(functools.partial(self._drop_when_done, item.owned))

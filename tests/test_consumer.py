@@ -10,6 +10,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 from bson import ObjectId
@@ -33,9 +34,14 @@ from helpers import (
     with_consumer,
 )
 
+from mailer.beanstalk import Job
+from mailer.claims import Held
 from mailer.config import Settings
-from mailer.consumer import main
-from mailer.errors import TransientVendorError
+from mailer.consumer import Prefetch, Prefetched, main
+from mailer.delivery import Action, Decision, Delivery, Ready
+from mailer.errors import StoreUnavailable, TransientVendorError
+from mailer.jobs import OwnedJob
+from mailer.models import Email
 from mailer.store import Doc, MailStore
 
 COOLDOWN = 600.0
@@ -570,3 +576,135 @@ async def test_mails_waiting_for_a_rate_limit_do_not_hold_the_other_vendors(sett
         assert len(slow.sends) <= 8  # 2/s: it is still working through its 10
         await wait_all_status(store, ids, "sent", within=20)
     assert len(slow.sends) == 10
+
+
+# --- a loop's run of sends (Prefetch), against a scripted delivery ---------------------------
+
+
+class ScriptedDelivery:
+    """Stands in for :class:`mailer.delivery.Delivery` in a :class:`Prefetch`: each send
+    waits until the test ends it, and the test sees which sends began and which were cut."""
+
+    def __init__(self) -> None:
+        self.began: list[int] = []
+        self.cancelled: list[int] = []
+        self.ends: dict[int, asyncio.Future[Decision]] = {}
+
+    async def deliver(self, ready: Ready) -> Decision:
+        self.began.append(ready.job.id)
+        end = self.ends[ready.job.id] = asyncio.get_running_loop().create_future()
+        try:
+            return await end
+        except asyncio.CancelledError:
+            self.cancelled.append(ready.job.id)
+            raise
+
+    def end(self, job_id: int, *, recorded: bool = True) -> None:
+        recording = asyncio.get_running_loop().create_future() if recorded else None
+        self.ends[job_id].set_result(Decision(Action.DELETE, reason="sent", recording=recording))
+
+
+def _item(job_id: int) -> Prefetched:
+    email = Email.model_validate(
+        {"from": "a@example.com", "to": ["b@example.com"], "subject": "s", "text": "t"}
+    )
+    oid = ObjectId()
+    held = Held(oid=oid, job_id=job_id, token="t", priority=1024, claimed_at=0.0)
+    ready = Ready(Job(job_id, str(oid).encode()), oid, {}, email, held)
+    return Prefetched(cast(OwnedJob, None), ready)
+
+
+async def _turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def _slot(delivery: ScriptedDelivery, go_on: list[bool] | None = None) -> Prefetch:
+    flag = go_on if go_on is not None else [True]
+    return Prefetch(cast(Delivery, delivery), lambda: flag[0])
+
+
+async def test_the_next_send_begins_as_the_previous_one_returns() -> None:
+    """With its record under way, a send's return begins the slot's mail in the same task:
+    by the time anyone waiting for the first outcome runs, the second is with its vendor."""
+    delivery = ScriptedDelivery()
+    ahead = _slot(delivery)
+    first, second = _item(1), _item(2)
+    outcome = ahead.send(first)
+    await _turns()
+    ahead.fill(second)
+    delivery.end(1)
+    decision = await outcome
+    assert decision.reason == "sent"
+    assert delivery.began == [1, 2]
+    assert second.sending is not None and not second.sending.done()
+    delivery.end(2)
+    assert (await second.sending).reason == "sent"
+
+
+@pytest.mark.parametrize("why", ["no record", "stopping", "on its own", "not claimed"])
+async def test_the_run_of_sends_stops_where_the_loop_must_decide(why: str) -> None:
+    """Nothing follows a send that recorded nothing, a send after stop, a mail its loop left
+    (parked, or detached after an error), or a slot mail that is not ready to send."""
+    delivery, go_on = ScriptedDelivery(), [True]
+    ahead = _slot(delivery, go_on)
+    first, second = _item(1), _item(2)
+    outcome = ahead.send(first)
+    await _turns()
+    if why == "not claimed":
+        second.prepared = Decision(Action.RELEASE, delay=1, reason="claim did not take")
+    ahead.fill(second)
+    if why == "stopping":
+        go_on[0] = False
+    if why == "on its own":
+        first.on_its_own = True
+    delivery.end(1, recorded=why != "no record")
+    await outcome
+    await _turns()
+    assert delivery.began == [1]
+    assert second.sending is None
+    if why != "not claimed":  # the loop may still begin it itself
+        ahead.start()
+        await _turns()
+        assert delivery.began == [1, 2]
+
+
+async def test_giving_up_on_an_outcome_cuts_its_send_and_ends_the_run() -> None:
+    """A loop cancelled at shutdown, or a parked mail's task, cancels the outcome it waits
+    for: that send is cut at once (so delivery records it as interrupted) as a task of its
+    own would be, and the slot's mail is not begun."""
+    delivery = ScriptedDelivery()
+    ahead = _slot(delivery)
+    first, second = _item(1), _item(2)
+
+    async def waiter() -> Decision:
+        assert first.sending is not None
+        return await first.sending
+
+    ahead.send(first)
+    ahead.fill(second)
+    task = asyncio.ensure_future(waiter())
+    await _turns()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # At once: a stopping consumer hands the job back as soon as its loop has ended, and by
+    # then the send must know it was cut (a turn later it could still record a send).
+    assert delivery.cancelled == [1]
+    await _turns()
+    assert first.sending is not None and first.sending.cancelled()
+    assert second.sending is None and delivery.began == [1]
+
+
+async def test_a_send_that_raises_fails_only_its_own_outcome() -> None:
+    delivery = ScriptedDelivery()
+    ahead = _slot(delivery)
+    first, second = _item(1), _item(2)
+    outcome = ahead.send(first)
+    await _turns()
+    ahead.fill(second)
+    delivery.ends[1].set_exception(StoreUnavailable("MongoDB is away"))
+    with pytest.raises(StoreUnavailable):
+        await outcome
+    await _turns()
+    assert second.sending is None and delivery.began == [1]
