@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 CONCURRENCY ?= 50
 
-.PHONY: help venv services services-stop services-status browser run api test lint bench loadtest faults screenshots clean
+.PHONY: help venv services services-stop services-status browser run api test lint bench bench-compare loadtest faults screenshots clean
 
 help:
 	@echo "make run            set up, start beanstalkd + nx-27017, run a consumer (simulated sending)"
@@ -17,6 +17,7 @@ help:
 	@echo "make services-stop  stop them (by their pid files in .data/)"
 	@echo "make loadtest       10,000 mails through producer -> consumer, with a summary"
 	@echo "make bench          the benchmark matrix -> bench/results.json + bench/results.md"
+	@echo "make bench-compare BEFORE=rev   that matrix for rev and this tree, interleaved -> bench/compare.*"
 	@echo "make faults         the fault scenarios with their figures table"
 	@echo "make screenshots    the console screenshot in docs/ (the browser test)"
 
@@ -68,6 +69,11 @@ loadtest: services
 
 bench: services
 	$(PY) -m loadtest.bench $(ARGS)
+
+# Whether a change made a ratio worse: both trees' bench in interleaved rounds, one baseline each round.
+bench-compare: services
+	@test -n "$(BEFORE)" || { echo "usage: make bench-compare BEFORE=<git revision> [ARGS='--rounds 5']"; exit 2; }
+	$(PY) -m loadtest.compare --before $(BEFORE) $(ARGS)
 
 # Only this target (and bench) rewrites the committed figures; `make test` prints them only.
 # The README's console screenshot (docs/console-mail.png), taken by the browser test.

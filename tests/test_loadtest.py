@@ -97,6 +97,32 @@ def test_raw_baselines_do_not_depend_on_the_code_under_test(monkeypatch: pytest.
     assert [d["mail"]["to"] for d in docs] == ["user0@example.com", "user1@example.com", "user2@example.com"]
 
 
+def test_compare_sets_both_sides_of_a_round_against_one_baseline() -> None:
+    """A round whose baseline swung (the 'after' run's raw insert_one twice as fast) must not
+    read as the code getting slower: each side's ratio is taken to the round's shared
+    baseline, so the verdict is the change of the row itself, in the row's direction."""
+    from loadtest.compare import compare
+
+    before = {"raw_insert_one": 500.0, "send": 1000.0, "raw_insert_one_cpu": 700.0, "cpu_send": 140.0}
+    after = {"raw_insert_one": 1000.0, "send": 1100.0, "raw_insert_one_cpu": 700.0, "cpu_send": 150.0}
+    slow = {"drain_100": 470.0}
+    rows = {r["key"]: r for r in compare([(before | slow, after | {"drain_100": 490.0})] * 3)}
+    send = rows["send"]
+    # Against their own runs' baselines the ratio would read 2.0 -> 1.1, a "regression".
+    shared = (500.0 * 1000.0) ** 0.5
+    assert send["before"] == pytest.approx(1000 / shared) and send["after"] == pytest.approx(1100 / shared)
+    assert send["change"] == pytest.approx(1.1) and send["no_worse"] and not send["lower_is_better"]
+    cpu = rows["cpu_send"]
+    assert cpu["lower_is_better"] and cpu["change"] == pytest.approx(150 / 140) and not cpu["no_worse"]
+    d100 = rows["drain_100"]  # a fixed scale (ideal:500) stays as it is
+    assert d100["before"] == pytest.approx(0.94) and d100["after"] == pytest.approx(0.98)
+    assert "send_many" not in rows  # a row missing from a side in any round is left out
+    # The verdict is the median of the rounds, not their mean: one wild round does not decide.
+    wild = after | {"send": 5000.0}
+    many = compare([(before, after), (before, wild), (before, after | {"send": 900.0})])
+    assert {r["key"]: r for r in many}["send"]["change"] == pytest.approx(1.1)
+
+
 def test_procstat_reads_this_process() -> None:
     assert (cpu_seconds(os.getpid()) or 0.0) > 0.0
     mem = memory_kb(os.getpid())

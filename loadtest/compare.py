@@ -1,0 +1,192 @@
+"""``python -m loadtest.compare --before REV`` (``make bench-compare BEFORE=REV``): the bench
+matrix of an earlier commit and of this tree, in interleaved rounds.
+
+Two separate ``make bench`` runs cannot say whether a ratio got worse: their raw baselines
+are measured at different times, and on a shared machine they swing by up to 2-3x within an
+hour while the code differs by a few percent. Here each round runs one bench of each tree
+back to back (the order alternates, ABBA), and each row of a round is set against one
+baseline for both sides, the geometric mean of the two runs' measurements of it. Both sides'
+baselines are this tree's code (``loadtest/raw.py`` is placed over the earlier tree's), so
+what differs between the sides is the code under test. A row's verdict is the median over
+the rounds of after / before (higher is better for rates, lower for times and CPU).
+
+Writes ``bench/compare.json`` (every run's values) and ``bench/compare.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest.report import ROWS, Row, Samples
+
+PROG = "python -m loadtest.compare"
+ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "bench"
+LOWER_IS_BETTER_UNITS = {"us", "ms", "s", "MB", "x"}
+
+
+def lower_is_better(row: Row) -> bool:
+    if row.kind == "max_ratio":
+        return True
+    if row.kind == "min_ratio":
+        return False
+    return row.unit in LOWER_IS_BETTER_UNITS
+
+
+def _shared_baseline(row: Row, before: dict[str, float], after: dict[str, float]) -> float | None:
+    """One baseline for both sides of a round: a fixed scale as it is, a measured one as the
+    geometric mean of the two runs' figures (then after/before is the ratio of the rows)."""
+    samples = Samples()
+    b, a = samples.baseline(row, before), samples.baseline(row, after)
+    if b is None or a is None or b <= 0 or a <= 0:
+        return None
+    return math.sqrt(a * b)
+
+
+def compare(rounds: Sequence[tuple[dict[str, float], dict[str, float]]]) -> list[dict[str, Any]]:
+    """Per row with a baseline and a value on both sides in every round: each side's ratio to
+    the round's shared baseline (medians over the rounds), and the median of after / before
+    with whether that is no worse."""
+    out: list[dict[str, Any]] = []
+    for row in ROWS:
+        if row.baseline is None:
+            continue
+        before_r: list[float] = []
+        after_r: list[float] = []
+        change: list[float] = []
+        for before, after in rounds:
+            base = _shared_baseline(row, before, after)
+            if base is None or row.key not in before or row.key not in after or before[row.key] <= 0:
+                break
+            before_r.append(before[row.key] / base)
+            after_r.append(after[row.key] / base)
+            change.append(after[row.key] / before[row.key])
+        else:
+            if not rounds:
+                continue
+            lower = lower_is_better(row)
+            median = statistics.median(change)
+            out.append(
+                {
+                    "key": row.key,
+                    "label": row.label,
+                    "baseline": row.baseline,
+                    "lower_is_better": lower,
+                    "before": statistics.median(before_r),
+                    "after": statistics.median(after_r),
+                    "change": median,
+                    "changes": change,
+                    "no_worse": median <= 1.0 if lower else median >= 1.0,
+                }
+            )
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], before: str, after: str, n: int) -> str:
+    lines = [
+        f"Interleaved bench, {n} round(s): before = {before}, after = {after}. Ratios to one "
+        "baseline per round shared by both sides (medians); change = after / before, median "
+        "of the rounds (each round's in brackets).",
+        "",
+        "| row | baseline | before | after | change | better is | no worse |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        each = ", ".join(f"{c:.3f}" for c in r["changes"])
+        lines.append(
+            f"| {r['label']} | {r['baseline']} | {r['before']:.3f} | {r['after']:.3f} | "
+            f"{r['change']:.3f} ({each}) | {'lower' if r['lower_is_better'] else 'higher'} | "
+            f"{'yes' if r['no_worse'] else '**no**'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def export(rev: str, into: Path) -> Path:
+    """``rev``'s tree in ``into`` (git archive: the checkout itself is not touched), with this
+    tree's raw baselines over its own."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    shutil.copy2(ROOT / "loadtest" / "raw.py", into / "loadtest" / "raw.py")
+    return into
+
+
+def run_bench(tree: Path, out: Path, extra: Sequence[str]) -> dict[str, float]:
+    """One run of ``tree``'s bench, on this interpreter, its children importing ``tree`` too."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    cmd = [sys.executable, "-m", "loadtest.bench", "--runs", "1", "--out", str(out), *extra]
+    subprocess.run(cmd, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+    runs: list[dict[str, float]] = json.loads((out / "results.json").read_text())["runs"]
+    return runs[0]
+
+
+def _label(rev: str) -> str:
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return sha or rev
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", required=True, help="the earlier commit (any git revision)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, one bench of each side per round")
+    p.add_argument("--quick", action="store_true", help="both sides' --quick matrix (a smoke run)")
+    p.add_argument("--out", type=Path, default=OUT_DIR, help="output directory (default bench/)")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    extra = ["--quick"] if args.quick else []
+    work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    t0 = time.monotonic()
+    try:
+        try:
+            before_tree = export(args.before, work / "before")
+        except subprocess.CalledProcessError as exc:
+            print(f"{PROG}: cannot export {args.before!r}: {exc.stderr.decode(errors='replace').strip()}")
+            return 2
+        trees = {"before": before_tree, "after": ROOT}
+        rounds: list[tuple[dict[str, float], dict[str, float]]] = []
+        for i in range(args.rounds):
+            order = ("before", "after") if i % 2 == 0 else ("after", "before")
+            got: dict[str, dict[str, float]] = {}
+            for side in order:
+                print(f"round {i + 1} of {args.rounds}: {side} ...", flush=True)
+                got[side] = run_bench(trees[side], work / f"{side}-{i}", extra)
+            rounds.append((got["before"], got["after"]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = compare(rounds)
+    before_label, after_label = _label(args.before), _label("HEAD") + " (this tree)"
+    table = markdown(rows, before_label, after_label, len(rounds))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compare.md").write_text(table)
+    data = {
+        "before": before_label,
+        "after": after_label,
+        "seconds": time.monotonic() - t0,
+        "rows": rows,
+        "rounds": [{"before": b, "after": a} for b, a in rounds],
+    }
+    (args.out / "compare.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(table, end="")
+    print(f"written to {args.out / 'compare.json'} and {args.out / 'compare.md'}")
+    return 0 if all(r["no_worse"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
