@@ -10,6 +10,12 @@ baselines are this tree's code (``loadtest/raw.py`` is placed over the earlier t
 what differs between the sides is the code under test. A row's verdict is the median over
 the rounds of after / before (higher is better for rates, lower for times and CPU).
 
+``--by-case`` interleaves finer: each case of the matrix (send, send_many and the four drains)
+runs in a fresh process of one tree and then of the other, seconds apart, and the verdict is
+the median of those adjacent pairs' after / before. On a machine whose speed drifts within
+minutes (the same baseline code's CPU per operation moved 40% between two runs of one round)
+this is the steadier judge; it needs ``loadtest.cases`` as it is from 296a4e4 on.
+
 Writes ``bench/compare.json`` (every run's values) and ``bench/compare.md`` (the table).
 """
 
@@ -55,6 +61,73 @@ def _shared_baseline(row: Row, before: dict[str, float], after: dict[str, float]
     return math.sqrt(a * b)
 
 
+# Run inside the tree under test (its own loadtest.cases and mailer): one case, its figures as JSON.
+CASE_RUNNER = """
+import asyncio, json, sys
+from loadtest import cases
+from loadtest.common import settings_or_exit
+
+DRAINS = {"drain": (1, 50, 0.0), "drain_100": (1, 50, 100.0), "drain_2p": (2, 50, 0.0),
+          "drain_200": (1, 200, 100.0)}
+
+async def main(case, n):
+    base = settings_or_exit("loadtest.compare").for_test()
+    if case in ("send", "send_many"):
+        m = await cases.producer_case(base, case, n)
+        return {case: m.rate, "cpu_" + case: m.cpu_us}
+    processes, concurrency, latency = DRAINS[case]
+    d = await cases.drain_case(base, mails=n, processes=processes, concurrency=concurrency,
+                               latency_ms=latency, stall_probe=False)
+    out = {case: d.rate}
+    if case == "drain":
+        out["cpu_consumer"] = d.consumer_cpu_us
+    return out
+
+print(json.dumps(asyncio.run(main(sys.argv[1], int(sys.argv[2])))))
+"""
+CASES = ("send", "send_many", "drain", "drain_100", "drain_2p", "drain_200")
+
+
+def run_case(tree: Path, case: str, n: int) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    done = subprocess.run(
+        [sys.executable, "-c", CASE_RUNNER, case, str(n)],
+        cwd=tree,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def changes(rounds: Sequence[tuple[dict[str, float], dict[str, float]]]) -> list[dict[str, Any]]:
+    """Per row measured on both sides in every round: the median of after / before (the
+    rounds' adjacent pairs), and whether that is no worse in the row's direction."""
+    out: list[dict[str, Any]] = []
+    for row in ROWS:
+        pairs = [(b.get(row.key), a.get(row.key)) for b, a in rounds]
+        if not pairs or any(b is None or a is None or b <= 0 for b, a in pairs):
+            continue
+        change = [a / b for b, a in pairs if a is not None and b is not None]
+        lower, median = lower_is_better(row), statistics.median(change)
+        out.append(
+            {
+                "key": row.key,
+                "label": row.label,
+                "baseline": "adjacent run",
+                "lower_is_better": lower,
+                "before": statistics.median(b for b, _ in pairs if b is not None),
+                "after": statistics.median(a for _, a in pairs if a is not None),
+                "change": median,
+                "changes": change,
+                "no_worse": median <= 1.0 if lower else median >= 1.0,
+            }
+        )
+    return out
+
+
 def compare(rounds: Sequence[tuple[dict[str, float], dict[str, float]]]) -> list[dict[str, Any]]:
     """Per row with a baseline and a value on both sides in every round: each side's ratio to
     the round's shared baseline (medians over the rounds), and the median of after / before
@@ -94,11 +167,16 @@ def compare(rounds: Sequence[tuple[dict[str, float], dict[str, float]]]) -> list
     return out
 
 
-def markdown(rows: list[dict[str, Any]], before: str, after: str, n: int) -> str:
+def markdown(rows: list[dict[str, Any]], before: str, after: str, n: int, *, by_case: bool = False) -> str:
+    what = (
+        "each case run in one tree, then at once in the other (ABBA); before and after are "
+        "the rows' medians (mails/s, us)"
+        if by_case
+        else "ratios to one baseline per round shared by both sides (medians)"
+    )
     lines = [
-        f"Interleaved bench, {n} round(s): before = {before}, after = {after}. Ratios to one "
-        "baseline per round shared by both sides (medians); change = after / before, median "
-        "of the rounds (each round's in brackets).",
+        f"Interleaved bench, {n} round(s): before = {before}, after = {after}; {what}; "
+        "change = after / before, median of the rounds (each round's in brackets).",
         "",
         "| row | baseline | before | after | change | better is | no worse |",
         "|---|---|---|---|---|---|---|",
@@ -106,7 +184,7 @@ def markdown(rows: list[dict[str, Any]], before: str, after: str, n: int) -> str
     for r in rows:
         each = ", ".join(f"{c:.3f}" for c in r["changes"])
         lines.append(
-            f"| {r['label']} | {r['baseline']} | {r['before']:.3f} | {r['after']:.3f} | "
+            f"| {r['label']} | {r['baseline']} | {r['before']:,.3f} | {r['after']:,.3f} | "
             f"{r['change']:.3f} ({each}) | {'lower' if r['lower_is_better'] else 'higher'} | "
             f"{'yes' if r['no_worse'] else '**no**'} |"
         )
@@ -134,6 +212,13 @@ def run_bench(tree: Path, out: Path, extra: Sequence[str]) -> dict[str, float]:
     return runs[0]
 
 
+def _case_size(case: str, quick: bool) -> int:
+    from loadtest.bench import QUICK, Sizes
+
+    sizes = QUICK if quick else Sizes()
+    return {"send": sizes.send, "send_many": sizes.send_many}.get(case, sizes.drain)
+
+
 def _label(rev: str) -> str:
     sha = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True, check=False
@@ -146,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--before", required=True, help="the earlier commit (any git revision)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, one bench of each side per round")
     p.add_argument("--quick", action="store_true", help="both sides' --quick matrix (a smoke run)")
+    p.add_argument(
+        "--by-case",
+        action="store_true",
+        help="interleave each case, not whole runs",
+    )
     p.add_argument("--out", type=Path, default=OUT_DIR, help="output directory (default bench/)")
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -163,19 +253,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds: list[tuple[dict[str, float], dict[str, float]]] = []
         for i in range(args.rounds):
             order = ("before", "after") if i % 2 == 0 else ("after", "before")
-            got: dict[str, dict[str, float]] = {}
-            for side in order:
-                print(f"round {i + 1} of {args.rounds}: {side} ...", flush=True)
-                got[side] = run_bench(trees[side], work / f"{side}-{i}", extra)
+            got: dict[str, dict[str, float]] = {"before": {}, "after": {}}
+            if args.by_case:
+                for case in CASES:
+                    for side in order:
+                        print(f"round {i + 1} of {args.rounds}: {case}, {side} ...", flush=True)
+                        got[side] |= run_case(trees[side], case, _case_size(case, args.quick))
+            else:
+                for side in order:
+                    print(f"round {i + 1} of {args.rounds}: {side} ...", flush=True)
+                    got[side] = run_bench(trees[side], work / f"{side}-{i}", extra)
             rounds.append((got["before"], got["after"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rows = compare(rounds)
+    rows = changes(rounds) if args.by_case else compare(rounds)
     before_label, after_label = _label(args.before), _label("HEAD") + " (this tree)"
-    table = markdown(rows, before_label, after_label, len(rounds))
+    table = markdown(rows, before_label, after_label, len(rounds), by_case=args.by_case)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.md").write_text(table)
     data = {
+        "by_case": args.by_case,
         "before": before_label,
         "after": after_label,
         "seconds": time.monotonic() - t0,

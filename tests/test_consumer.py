@@ -619,20 +619,24 @@ async def _turns(n: int = 5) -> None:
         await asyncio.sleep(0)
 
 
-def _slot(delivery: ScriptedDelivery, go_on: list[bool] | None = None) -> Prefetch:
+async def _first_sending(
+    delivery: ScriptedDelivery, go_on: list[bool] | None = None
+) -> tuple[Prefetch, Prefetched, Prefetched, asyncio.Future[Decision]]:
+    """A loop's slot with mail 1 at its vendor and mail 2 claimed in the slot."""
     flag = go_on if go_on is not None else [True]
-    return Prefetch(cast(Delivery, delivery), lambda: flag[0])
+    ahead = Prefetch(cast(Delivery, delivery), lambda: flag[0])
+    first, second = _item(1), _item(2)
+    outcome = ahead.send(first)
+    await _turns()
+    ahead.fill(second)
+    return ahead, first, second, outcome
 
 
 async def test_the_next_send_begins_as_the_previous_one_returns() -> None:
     """With its record under way, a send's return begins the slot's mail in the same task:
     by the time anyone waiting for the first outcome runs, the second is with its vendor."""
     delivery = ScriptedDelivery()
-    ahead = _slot(delivery)
-    first, second = _item(1), _item(2)
-    outcome = ahead.send(first)
-    await _turns()
-    ahead.fill(second)
+    _, _, second, outcome = await _first_sending(delivery)
     delivery.end(1)
     decision = await outcome
     assert decision.reason == "sent"
@@ -647,13 +651,9 @@ async def test_the_run_of_sends_stops_where_the_loop_must_decide(why: str) -> No
     """Nothing follows a send that recorded nothing, a send after stop, a mail its loop left
     (parked, or detached after an error), or a slot mail that is not ready to send."""
     delivery, go_on = ScriptedDelivery(), [True]
-    ahead = _slot(delivery, go_on)
-    first, second = _item(1), _item(2)
-    outcome = ahead.send(first)
-    await _turns()
+    ahead, first, second, outcome = await _first_sending(delivery, go_on)
     if why == "not claimed":
         second.prepared = Decision(Action.RELEASE, delay=1, reason="claim did not take")
-    ahead.fill(second)
     if why == "stopping":
         go_on[0] = False
     if why == "on its own":
@@ -674,15 +674,11 @@ async def test_giving_up_on_an_outcome_cuts_its_send_and_ends_the_run() -> None:
     for: that send is cut at once (so delivery records it as interrupted) as a task of its
     own would be, and the slot's mail is not begun."""
     delivery = ScriptedDelivery()
-    ahead = _slot(delivery)
-    first, second = _item(1), _item(2)
+    _, first, second, outcome = await _first_sending(delivery)
 
     async def waiter() -> Decision:
-        assert first.sending is not None
-        return await first.sending
+        return await outcome
 
-    ahead.send(first)
-    ahead.fill(second)
     task = asyncio.ensure_future(waiter())
     await _turns()
     task.cancel()
@@ -698,11 +694,7 @@ async def test_giving_up_on_an_outcome_cuts_its_send_and_ends_the_run() -> None:
 
 async def test_a_send_that_raises_fails_only_its_own_outcome() -> None:
     delivery = ScriptedDelivery()
-    ahead = _slot(delivery)
-    first, second = _item(1), _item(2)
-    outcome = ahead.send(first)
-    await _turns()
-    ahead.fill(second)
+    _, _, second, outcome = await _first_sending(delivery)
     delivery.ends[1].set_exception(StoreUnavailable("MongoDB is away"))
     with pytest.raises(StoreUnavailable):
         await outcome

@@ -123,6 +123,24 @@ def test_compare_sets_both_sides_of_a_round_against_one_baseline() -> None:
     assert {r["key"]: r for r in many}["send"]["change"] == pytest.approx(1.1)
 
 
+def test_compare_by_case_judges_the_adjacent_pairs() -> None:
+    """--by-case: each round's two runs of a case are seconds apart, so the verdict is the
+    median of their after / before, in the row's direction, with no baseline at all."""
+    from loadtest.compare import changes
+
+    rounds = [
+        ({"send": 1000.0, "cpu_send": 100.0}, {"send": 1100.0, "cpu_send": 95.0}),
+        ({"send": 500.0, "cpu_send": 200.0}, {"send": 540.0, "cpu_send": 210.0}),  # a slow minute
+        ({"send": 900.0, "cpu_send": 110.0}, {"send": 990.0, "cpu_send": 100.0}),
+    ]
+    rows = {r["key"]: r for r in changes(rounds)}
+    assert rows["send"]["change"] == pytest.approx(1.1) and rows["send"]["no_worse"]
+    assert rows["cpu_send"]["change"] == pytest.approx(0.95) and rows["cpu_send"]["lower_is_better"]
+    assert rows["send"]["changes"] == pytest.approx([1.1, 1.08, 1.1])
+    assert set(rows) == {"send", "cpu_send"}
+    assert not changes([(r[0], {"send": 0.5 * r[0]["send"]}) for r in rounds])[0]["no_worse"]
+
+
 def test_procstat_reads_this_process() -> None:
     assert (cpu_seconds(os.getpid()) or 0.0) > 0.0
     mem = memory_kb(os.getpid())
