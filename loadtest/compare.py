@@ -41,6 +41,7 @@ PROG = "python -m loadtest.compare"
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "bench"
 LOWER_IS_BETTER_UNITS = {"us", "ms", "s", "MB", "x"}
+Rounds = Sequence[tuple[dict[str, float], dict[str, float]]]  # (before, after) figures per round
 
 
 def lower_is_better(row: Row) -> bool:
@@ -102,68 +103,58 @@ def run_case(tree: Path, case: str, n: int) -> dict[str, float]:
     return figures
 
 
-def changes(rounds: Sequence[tuple[dict[str, float], dict[str, float]]]) -> list[dict[str, Any]]:
+def _verdict(
+    row: Row, baseline: str, before: list[float], after: list[float], change: list[float]
+) -> dict[str, Any]:
+    """A row of the table: medians of each side and of after / before, judged in the row's
+    direction."""
+    lower, median = lower_is_better(row), statistics.median(change)
+    return {
+        "key": row.key,
+        "label": row.label,
+        "baseline": baseline,
+        "lower_is_better": lower,
+        "before": statistics.median(before),
+        "after": statistics.median(after),
+        "change": median,
+        "changes": change,
+        "no_worse": median <= 1.0 if lower else median >= 1.0,
+    }
+
+
+def _pairs(row: Row, rounds: Rounds) -> list[tuple[float, float]]:
+    """The row's (before, after) in every round, or none if a round lacks it on either side."""
+    pairs = [(b.get(row.key), a.get(row.key)) for b, a in rounds]
+    if not pairs or any(b is None or a is None or b <= 0 for b, a in pairs):
+        return []
+    return [(b, a) for b, a in pairs if b is not None and a is not None]
+
+
+def changes(rounds: Rounds) -> list[dict[str, Any]]:
     """Per row measured on both sides in every round: the median of after / before (the
     rounds' adjacent pairs), and whether that is no worse in the row's direction."""
     out: list[dict[str, Any]] = []
     for row in ROWS:
-        pairs = [(b.get(row.key), a.get(row.key)) for b, a in rounds]
-        if not pairs or any(b is None or a is None or b <= 0 for b, a in pairs):
-            continue
-        change = [a / b for b, a in pairs if a is not None and b is not None]
-        lower, median = lower_is_better(row), statistics.median(change)
-        out.append(
-            {
-                "key": row.key,
-                "label": row.label,
-                "baseline": "adjacent run",
-                "lower_is_better": lower,
-                "before": statistics.median(b for b, _ in pairs if b is not None),
-                "after": statistics.median(a for _, a in pairs if a is not None),
-                "change": median,
-                "changes": change,
-                "no_worse": median <= 1.0 if lower else median >= 1.0,
-            }
-        )
+        if pairs := _pairs(row, rounds):
+            before, after = [b for b, _ in pairs], [a for _, a in pairs]
+            out.append(_verdict(row, "adjacent run", before, after, [a / b for b, a in pairs]))
     return out
 
 
-def compare(rounds: Sequence[tuple[dict[str, float], dict[str, float]]]) -> list[dict[str, Any]]:
+def compare(rounds: Rounds) -> list[dict[str, Any]]:
     """Per row with a baseline and a value on both sides in every round: each side's ratio to
     the round's shared baseline (medians over the rounds), and the median of after / before
     with whether that is no worse."""
     out: list[dict[str, Any]] = []
     for row in ROWS:
-        if row.baseline is None:
+        pairs = _pairs(row, rounds) if row.baseline is not None else []
+        bases = [_shared_baseline(row, b, a) for b, a in rounds]
+        if not pairs or any(base is None for base in bases):
             continue
-        before_r: list[float] = []
-        after_r: list[float] = []
-        change: list[float] = []
-        for before, after in rounds:
-            base = _shared_baseline(row, before, after)
-            if base is None or row.key not in before or row.key not in after or before[row.key] <= 0:
-                break
-            before_r.append(before[row.key] / base)
-            after_r.append(after[row.key] / base)
-            change.append(after[row.key] / before[row.key])
-        else:
-            if not rounds:
-                continue
-            lower = lower_is_better(row)
-            median = statistics.median(change)
-            out.append(
-                {
-                    "key": row.key,
-                    "label": row.label,
-                    "baseline": row.baseline,
-                    "lower_is_better": lower,
-                    "before": statistics.median(before_r),
-                    "after": statistics.median(after_r),
-                    "change": median,
-                    "changes": change,
-                    "no_worse": median <= 1.0 if lower else median >= 1.0,
-                }
-            )
+        shared = [base for base in bases if base is not None]
+        before = [b / base for (b, _), base in zip(pairs, shared, strict=True)]
+        after = [a / base for (_, a), base in zip(pairs, shared, strict=True)]
+        out.append(_verdict(row, str(row.baseline), before, after, [a / b for b, a in pairs]))
     return out
 
 

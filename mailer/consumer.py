@@ -91,10 +91,16 @@ class Prefetch:
         item, self.item = self.item, None
         return item
 
-    def start(self) -> None:
-        """Begin the prefetched mail's send now, if it is claimed, ready and not begun."""
+    def startable(self) -> Prefetched | None:
+        """The prefetched mail if its send may begin now: claimed, ready and not begun."""
         item = self.item
         if item is not None and item.sending is None and isinstance(item.prepared, Ready):
+            return item
+        return None
+
+    def start(self) -> None:
+        """Begin the prefetched mail's send now, if it may begin."""
+        if (item := self.startable()) is not None:
             self.send(item)
 
     def send(self, item: Prefetched) -> asyncio.Future[Decision]:
@@ -124,15 +130,8 @@ class Prefetch:
                 return
             outcome.set_result(decision)
             outcome.run = None
-            nxt = self.item
-            if (
-                decision.recording is None
-                or item.on_its_own
-                or not self._go_on()
-                or nxt is None
-                or nxt.sending is not None
-                or not isinstance(nxt.prepared, Ready)
-            ):
+            nxt = self.startable()
+            if decision.recording is None or item.on_its_own or not self._go_on() or nxt is None:
                 return
             nxt.sending = Outcome(asyncio.current_task())
             item = nxt
