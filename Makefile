@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 CONCURRENCY ?= 50
 
-.PHONY: help venv services services-stop services-status browser run api test lint bench bench-compare loadtest faults screenshots clean
+.PHONY: help venv services services-stop services-status browser run api test lint bench bench-compare bench-instructions loadtest faults screenshots clean
 
 help:
 	@echo "make run            set up, start beanstalkd + nx-27017, run a consumer (simulated sending)"
@@ -18,6 +18,7 @@ help:
 	@echo "make loadtest       10,000 mails through producer -> consumer, with a summary"
 	@echo "make bench          the benchmark matrix -> bench/results.json + bench/results.md"
 	@echo "make bench-compare BEFORE=rev   that matrix for rev and this tree, interleaved -> bench/compare.*"
+	@echo "make bench-instructions BEFORE=rev   client instructions per mail, rev and this tree (valgrind)"
 	@echo "make faults         the fault scenarios with their figures table"
 	@echo "make screenshots    the console screenshot in docs/ (the browser test)"
 
@@ -74,6 +75,13 @@ bench: services
 bench-compare: services
 	@test -n "$(BEFORE)" || { echo "usage: make bench-compare BEFORE=<git revision> [ARGS='--rounds 5']"; exit 2; }
 	$(PY) -m loadtest.compare --before $(BEFORE) $(ARGS)
+
+# Whether a change made the clients do more work per mail: instruction counts (noise-free, valgrind).
+bench-instructions: services
+	@test -n "$(BEFORE)" || { echo "usage: make bench-instructions BEFORE=<git revision> [ARGS='--repeats 2']"; exit 2; }
+	@command -v valgrind >/dev/null 2>&1 || { echo "installing valgrind (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
+	$(PY) -m loadtest.instructions --before $(BEFORE) $(ARGS)
 
 # Only this target (and bench) rewrites the committed figures; `make test` prints them only.
 # The README's console screenshot (docs/console-mail.png), taken by the browser test.

@@ -210,7 +210,8 @@ def _case_size(case: str, quick: bool) -> int:
     return {"send": sizes.send, "send_many": sizes.send_many}.get(case, sizes.drain)
 
 
-def _label(rev: str) -> str:
+def short_rev(rev: str) -> str:
+    """``rev`` as a short commit id (or as given, if git cannot resolve it)."""
     sha = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -258,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = changes(rounds) if args.by_case else compare(rounds)
-    before_label, after_label = _label(args.before), _label("HEAD") + " (this tree)"
+    before_label, after_label = short_rev(args.before), short_rev("HEAD") + " (this tree)"
     table = markdown(rows, before_label, after_label, len(rounds), by_case=args.by_case)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.md").write_text(table)

@@ -141,6 +141,28 @@ def test_compare_by_case_judges_the_adjacent_pairs() -> None:
     assert not changes([(r[0], {"send": 0.5 * r[0]["send"]}) for r in rounds])[0]["no_worse"]
 
 
+def test_instructions_per_mail_is_the_difference_of_two_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up and shut-down cancel out: per mail is (large - small) / (its mails), read from
+    valgrind's own summary line (the last one: a child's come first in a shared log)."""
+    from loadtest import instructions
+
+    log = tmp_path / "vg.log"
+    log.write_text("==1== I   refs:      1,000\n==7== Collected : 9\n==7== I   refs:      2,345,678,901\n")
+    assert instructions.instructions(log) == 2_345_678_901
+    (tmp_path / "empty.log").write_text("==7== valgrind: failed to start\n")
+    with pytest.raises(SystemExit, match="no instruction count"):
+        instructions.instructions(tmp_path / "empty.log")
+
+    counts = {1000: 2_000_000_000, 5000: 3_400_000_000}
+    monkeypatch.setattr(instructions, "count", lambda tree, case, n, work: counts[n])
+    assert instructions.per_mail(tmp_path, "send", tmp_path) == pytest.approx(350_000)
+    row = instructions.Row("send", "producer send", [350_000.0], [357_000.0], 1.02, True)
+    table = instructions.markdown([row], "aaa", "bbb", 1)
+    assert "| producer send | 350.0 k (350.0) | 357.0 k (357.0) | 1.020 | yes |" in table
+
+
 def test_procstat_reads_this_process() -> None:
     assert (cpu_seconds(os.getpid()) or 0.0) > 0.0
     mem = memory_kb(os.getpid())
