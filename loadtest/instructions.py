@@ -9,7 +9,9 @@ machine runs: here each side's producer (``send`` from 50 tasks, ``send_many`` i
 (cachegrind, no cache simulation: Debian's ``valgrind``), on the same local services as the
 bench, once with a small and once with a large number of mails. Start-up, warm-up and
 shut-down are the same in both runs, so the per-mail figure is the difference of the two
-counts over the difference of the mail counts.
+counts over the difference of the mail counts. The ``server`` case counts MongoDB's side
+instead: a private nx-27017 under valgrind while each side's producer stores the mails and
+its consumer (not counted) delivers them, the work that bounds the 0 ms drains here.
 
 Instructions are not time (a cache miss costs more than an add), so this judges how much
 work the code does, and the bench's CPU rows how long it took. Timing still shapes the work
@@ -28,6 +30,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,12 +45,13 @@ from loadtest.compare import ROOT, export, short_rev
 
 PROG = "python -m loadtest.instructions"
 OUT_DIR = ROOT / "bench"
-CASES = ("send", "send_many", "drain")
-SIZES = {"send": (1000, 5000), "send_many": (1000, 5000), "drain": (1000, 3000)}
+CASES = ("send", "send_many", "drain", "server")
+SIZES = {"send": (1000, 5000), "send_many": (1000, 5000), "drain": (1000, 3000), "server": (1000, 3000)}
 LABELS = {
     "send": "producer send, 50 concurrent",
     "send_many": "producer send_many, batches of 1,000",
     "drain": "consumer drain, c=50, 0 ms vendor",
+    "server": "nx-27017 per mail stored and delivered",
 }
 _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
@@ -78,9 +83,9 @@ async def main(mode, n, suffix):
 asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
 """
 
-# Run inside the tree under test: store and queue the mails, then count a consumer that
-# drains them (valgrind around the consumer alone), stopped with SIGTERM once the tube is
-# empty.
+# Run inside the tree under test: store and queue the mails, then start a consumer that
+# drains them (under valgrind, or not when the server is the one counted), stopped with
+# SIGTERM once the tube is empty.
 DRAIN = """
 import asyncio, json, signal, subprocess, sys, time
 from loadtest.common import child_env, sample_mail, settings_or_exit, tube_stats
@@ -154,12 +159,63 @@ def instructions(log: Path) -> int:
     return int(found[-1].replace(",", ""))
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_count(tree: Path, n: int, work: Path, log: Path, env: dict[str, str], suffix: str) -> int:
+    """A private nx-27017 under valgrind while ``tree`` stores and delivers ``n`` mails."""
+    port, data = _free_port(), work / f"nx{suffix}"
+    data.mkdir()
+    exe = str(Path(sys.executable).parent / "nx-27017")
+    argv = [
+        exe,
+        "--data-dir",
+        str(data),
+        "--host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--log-file",
+        str(data / "nx.log"),
+    ]
+    server = subprocess.Popen(
+        [*valgrind_cmd(log), sys.executable, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"{PROG}: nx-27017 under valgrind did not open port {port}") from None
+                time.sleep(0.2)
+        # Slow under valgrind: MongoDB operations get a bound they cannot reach.
+        private = {
+            "MAILER_MONGODB__URI": f"mongodb://127.0.0.1:{port}/mailer",
+            "MAILER_MONGODB__TIMEOUT_MS": "300000",
+        }
+        cmd = [sys.executable, "-c", DRAIN, str(n), suffix, "[]"]
+        subprocess.run(cmd, cwd=tree, env=env | private, check=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=300)
+        shutil.rmtree(data, ignore_errors=True)
+    return instructions(log)
+
+
 def count(tree: Path, case: str, n: int, work: Path) -> int:
     """Instructions of one run of ``case`` with ``n`` mails in ``tree``."""
     suffix = f"_in_{os.getpid()}_{time.monotonic_ns() % 10**9}"
     log = work / f"{case}-{n}{suffix}.log"
     env = dict(os.environ, PYTHONPATH=str(tree))
     try:
+        if case == "server":
+            return _server_count(tree, n, work, log, env, suffix)
         if case == "drain":
             cmd = [sys.executable, "-c", DRAIN, str(n), suffix, json.dumps(valgrind_cmd(log))]
         else:
