@@ -18,7 +18,7 @@ help:
 	@echo "make loadtest       10,000 mails through producer -> consumer, with a summary"
 	@echo "make bench          the benchmark matrix -> bench/results.json + bench/results.md"
 	@echo "make bench-compare BEFORE=rev   that matrix for rev and this tree, interleaved -> bench/compare.*"
-	@echo "make bench-instructions BEFORE=rev   client instructions per mail, rev and this tree (valgrind)"
+	@echo "make bench-instructions BEFORE=rev   instructions per mail (clients, nx-27017), rev and this tree (valgrind)"
 	@echo "make faults         the fault scenarios with their figures table"
 	@echo "make screenshots    the console screenshot in docs/ (the browser test)"
 
@@ -76,7 +76,7 @@ bench-compare: services
 	@test -n "$(BEFORE)" || { echo "usage: make bench-compare BEFORE=<git revision> [ARGS='--rounds 5']"; exit 2; }
 	$(PY) -m loadtest.compare --before $(BEFORE) $(ARGS)
 
-# Whether a change made the clients do more work per mail: instruction counts (noise-free, valgrind).
+# Whether a change made the code do more work per mail: instruction counts (noise-free, valgrind).
 bench-instructions: services
 	@test -n "$(BEFORE)" || { echo "usage: make bench-instructions BEFORE=<git revision> [ARGS='--repeats 2']"; exit 2; }
 	@command -v valgrind >/dev/null 2>&1 || { echo "installing valgrind (apt-get)"; \

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from loadtest.cases import scratch
-from loadtest.common import child_env, sample_mail
+from loadtest.common import child_env, free_port, sample_mail
 from loadtest.procstat import cpu_seconds
 from loadtest.raw import Measure
 from mailer.config import Settings
@@ -133,12 +132,6 @@ async def batch_case(base: Settings, n: int, port: int) -> Measure:
         measure = await _timed_api(proc.pid, n, post_batches)
         conn.close()
     return measure
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def run(base: Settings, sends: int, batched: int, note: Callable[[str, str], None]) -> dict[str, float]:

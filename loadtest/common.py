@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import uuid
 from typing import Any
@@ -48,6 +49,13 @@ def _refuse(prog: str) -> None:
         file=sys.stderr,
     )
     sys.exit(2)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a case starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def unique_suffix(kind: str) -> str:

@@ -1,5 +1,6 @@
 """``python -m loadtest.instructions --before REV`` (``make bench-instructions BEFORE=REV``):
-the client's work per mail, counted in instructions, for an earlier commit and this tree.
+the work per mail of the producer, the consumer and MongoDB, counted in instructions, for an
+earlier commit and this tree.
 
 CPU time on a shared machine moves 10-40% between runs minutes apart, so a change of a few
 percent in a client's CPU per mail cannot be told from noise, even over interleaved rounds
@@ -16,8 +17,9 @@ its consumer (not counted) delivers them, the work that bounds the 0 ms drains h
 Instructions are not time (a cache miss costs more than an add), so this judges how much
 work the code does, and the bench's CPU rows how long it took. Timing still shapes the work
 a little: concurrent sends and the consumer's loops share their writes in batches whose
-sizes depend on how fast each side runs, so the same code's count moves by about 1-3%
-between runs (``--repeats`` shows it); ``send_many`` moves by well under 1%.
+sizes depend on how fast each side runs, so the same code's count moves between repeats
+(``--repeats`` shows it): measured here 0.3% for ``send``, 1% for ``send_many`` and the
+server, up to 4% for the consumer.
 
 Writes ``bench/instructions.json`` and ``bench/instructions.md``; exit 1 if a row of this
 tree is above the earlier tree's by more than ``--tolerance``.
@@ -41,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loadtest.common import free_port
 from loadtest.compare import ROOT, export, short_rev
 
 PROG = "python -m loadtest.instructions"
@@ -159,15 +162,9 @@ def instructions(log: Path) -> int:
     return int(found[-1].replace(",", ""))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _server_count(tree: Path, n: int, work: Path, log: Path, env: dict[str, str], suffix: str) -> int:
     """A private nx-27017 under valgrind while ``tree`` stores and delivers ``n`` mails."""
-    port, data = _free_port(), work / f"nx{suffix}"
+    port, data = free_port(), work / f"nx{suffix}"
     data.mkdir()
     exe = str(Path(sys.executable).parent / "nx-27017")
     argv = [
